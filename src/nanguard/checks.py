@@ -1,0 +1,218 @@
+"""checks.py owns the numerical checks: pure functions and small statistics over tensors.
+
+It answers "is this finite?", "which tensors are not?", "is this a spike?" and returns :class:`Finding`
+values. It never logs, never decides and never touches an optimizer: :mod:`nanguard.policy` decides and
+:mod:`nanguard.guard` acts. Host reads (``.item()``/``.tolist()``) happen only where a function's
+docstring says so; the hot per-step path in the guard does its one read itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class Kind(str, Enum):
+    """The kinds of incident the checks report."""
+
+    NONFINITE_LOSS = "nonfinite_loss"
+    NONFINITE_GRAD = "nonfinite_grad"
+    LOSS_SPIKE = "loss_spike"
+    GRAD_SPIKE = "grad_spike"
+    NONFINITE_MODEL = "nonfinite_model"
+    """Non-finite values in the model's parameters or buffers (BatchNorm running statistics)."""
+    NONFINITE_EMA = "nonfinite_ema"
+    NONFINITE_OPTIMIZER = "nonfinite_optimizer"
+    AMP_OVERFLOW = "amp_overflow"
+    """GradScaler found inf/NaN gradients at a finite loss: its normal overflow, handled by the scaler."""
+
+
+STATE_KINDS = frozenset({Kind.NONFINITE_MODEL, Kind.NONFINITE_EMA, Kind.NONFINITE_OPTIMIZER})
+"""Findings that mean the training state itself is contaminated (a skip cannot help)."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing a check saw. ``value`` is what was measured, ``threshold`` the limit it broke (spikes)."""
+
+    kind: Kind
+    value: float | None = None
+    threshold: float | None = None
+    tensors: tuple[str, ...] = ()
+
+
+def total_norm(tensors: list[Tensor]) -> Tensor:
+    """The L2 norm of all ``tensors`` together, as a 0-d float32 tensor, with fused per-tensor norms and
+    no host synchronisation. A single NaN or Inf element makes it non-finite, so ``isfinite`` on it is a
+    complete check of every gradient."""
+    if not tensors:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(tensors, norm_type=2.0, foreach=True).float()
+
+
+def nonfinite_names(named: Iterable[tuple[str, Tensor]]) -> list[str]:
+    """Names of the floating tensors that hold a NaN or Inf. Reads the answer on the host (one sync).
+
+    Uses the infinity norm (max |x|): NaN and Inf propagate into it, and unlike the L2 norm it cannot
+    overflow for large finite values, so the answer is exact.
+    """
+    names: list[str] = []
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[str], list[Tensor]]] = {}
+    for name, tensor in named:
+        if tensor.is_floating_point() or tensor.is_complex():
+            key = (tensor.device, tensor.dtype)
+            groups.setdefault(key, ([], []))
+            groups[key][0].append(name)
+            groups[key][1].append(tensor.detach())
+    for group_names, group in groups.values():
+        maxima = torch._foreach_norm(group, math.inf)
+        finite = torch.stack(maxima).isfinite().tolist()
+        names.extend(n for n, ok in zip(group_names, finite, strict=True) if not ok)
+    return names
+
+
+def named_model_tensors(model: torch.nn.Module, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
+    """Parameters and buffers of ``model`` with their dotted names (``bn1.running_var``)."""
+    for name, param in model.named_parameters():
+        yield prefix + name, param
+    for name, buf in model.named_buffers():
+        yield prefix + name, buf
+
+
+def named_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, param_names: dict[int, str]
+) -> Iterator[tuple[str, Tensor]]:
+    """Optimizer state tensors named ``<param name>.<state key>`` (``fc1.weight.exp_avg_sq``)."""
+    for param, state in optimizer.state.items():
+        owner = param_names.get(id(param), f"param@{id(param):x}")
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                yield f"{owner}.{key}", value
+
+
+def loss_value_check(loss: object) -> Tensor:
+    """Validate what the user passed as the loss: a tensor with exactly one element."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"loss must be a torch.Tensor with one element, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"loss must have exactly one element, got shape {tuple(loss.shape)}")
+    return loss.detach().reshape(())
+
+
+class RunningStats:
+    """Running mean and variance of a scalar series (loss, gradient norm) that a non-finite value can
+    never enter.
+
+    The first ``warmup_steps`` finite values are averaged exactly (Welford); after that an EMA with
+    ``decay`` follows the series. A spike is ``value > mean + z * std``; the value the statistics then
+    take in is capped at that threshold (winsorised), so one huge value cannot drag the mean, while a
+    lasting shift still moves it slowly. ZClip's running mean, by contrast, takes a NaN in and stays
+    NaN forever; here ``observe`` ignores it.
+    """
+
+    def __init__(self, *, decay: float, warmup_steps: int) -> None:
+        self.decay = decay
+        self.warmup_steps = warmup_steps
+        self.count = 0
+        self.mean = 0.0
+        self.var = 0.0
+
+    @property
+    def warm(self) -> bool:
+        return self.count >= self.warmup_steps
+
+    def threshold(self, z: float) -> float | None:
+        """The spike threshold ``mean + z * std``, or ``None`` while warming up."""
+        if not self.warm:
+            return None
+        # A floor on std keeps a near-constant series from calling every wobble a spike.
+        std = max(math.sqrt(self.var), 1e-3 * abs(self.mean), 1e-12)
+        return self.mean + z * std
+
+    def observe(self, value: float, *, cap: float | None = None) -> None:
+        """Take in one value; non-finite values are ignored, values above ``cap`` enter as ``cap``."""
+        if not math.isfinite(value):
+            return
+        if cap is not None:
+            value = min(value, cap)
+        self.count += 1
+        delta = value - self.mean
+        if self.count <= self.warmup_steps:
+            self.mean += delta / self.count
+            self.var += (delta * (value - self.mean) - self.var) / self.count
+        else:
+            alpha = 1.0 - self.decay
+            self.mean += alpha * delta
+            self.var = self.decay * (self.var + alpha * delta * delta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "count": self.count, "mean": self.mean, "var": self.var}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != 1:
+            raise ValueError(f"RunningStats.load_state_dict: unknown state version {state.get('version')!r}")
+        self.count = int(state["count"])
+        self.mean = float(state["mean"])
+        self.var = float(state["var"])
+
+
+class DeviceRunningStats:
+    """:class:`RunningStats` kept on the device for the sync-free mode: the same update rule, written
+    with tensor ops and masked by an ``ok`` flag, so no step needs to read anything on the host."""
+
+    def __init__(self, *, decay: float, warmup_steps: int, device: torch.device) -> None:
+        self.decay = decay
+        self.warmup_steps = warmup_steps
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.mean = torch.zeros((), dtype=torch.float64, device=device)
+        self.var = torch.zeros((), dtype=torch.float64, device=device)
+
+    def threshold(self, z: float) -> tuple[Tensor, Tensor]:
+        """``(warm, threshold)`` as device tensors; the threshold is meaningful only where ``warm``."""
+        std = torch.maximum(self.var.sqrt(), torch.clamp(1e-3 * self.mean.abs(), min=1e-12))
+        return self.count >= self.warmup_steps, self.mean + z * std
+
+    def observe(self, value: Tensor, *, enter: Tensor, cap: Tensor | None = None) -> None:
+        """Take in ``value`` where ``enter`` is true and the value is finite; capped at ``cap``."""
+        value = value.to(torch.float64)
+        enter = enter & value.isfinite()
+        if cap is not None:
+            value = torch.minimum(value, cap)
+        value = torch.where(enter, value, self.mean)  # keeps NaN out of the arithmetic below
+        count = self.count + 1
+        delta = value - self.mean
+        warm_mean = self.mean + delta / count
+        warm_var = self.var + (delta * (value - warm_mean) - self.var) / count
+        alpha = 1.0 - self.decay
+        ema_mean = self.mean + alpha * delta
+        ema_var = self.decay * (self.var + alpha * delta * delta)
+        warming = count <= self.warmup_steps
+        self.mean = torch.where(enter, torch.where(warming, warm_mean, ema_mean), self.mean)
+        self.var = torch.where(enter, torch.where(warming, warm_var, ema_var), self.var)
+        self.count = torch.where(enter, count, self.count)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The same format as :meth:`RunningStats.state_dict` (reads the device: call at check points)."""
+        return {"version": 1, "count": int(self.count.item()), "mean": self.mean.item(), "var": self.var.item()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != 1:
+            raise ValueError(f"DeviceRunningStats.load_state_dict: unknown version {state.get('version')!r}")
+        self.count.fill_(float(state["count"]))
+        self.mean.fill_(float(state["mean"]))
+        self.var.fill_(float(state["var"]))
+
+
+def clip_grads_(grads: list[Tensor], norm: Tensor, limit: Tensor) -> None:
+    """Scale ``grads`` in place so their total norm is at most ``limit`` (a 0-d float32 tensor; +inf
+    means no clipping). The same arithmetic as ``torch.nn.utils.clip_grads_with_norm_`` but with a tensor
+    limit and no host read, so the eager and sync-free paths clip bit for bit alike."""
+    if grads:
+        coef = torch.clamp(limit / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].device))

@@ -1,0 +1,298 @@
+"""policy.py owns the rules from what the checks saw to what the guard does.
+
+:class:`Policy` is the user's configuration: a frozen dataclass with defaults a user would expect, loadable
+from ``nanguard.toml`` or ``[tool.nanguard]`` in ``pyproject.toml``. :func:`decide` maps one step's
+findings to a :class:`Decision`; :class:`Escalation` and :class:`LRBackoff` hold the little history the
+decisions need, each with ``state_dict``/``load_state_dict``. Nothing here touches a tensor or an optimizer:
+the guard acts, this module only decides.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections import deque
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from nanguard.checks import STATE_KINDS, Finding, Kind
+from nanguard.errors import PolicyError
+
+_LOSS_SPIKE_ACTIONS = ("skip", "record")
+_GRAD_SPIKE_ACTIONS = ("skip", "clip", "record")
+_BACKOFF_TRIGGERS = ("restore", "skip", "loss_spike", "grad_spike")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy:
+    """What the guard checks and how it answers. Every field can be set in ``nanguard.toml``."""
+
+    check_every_steps: int = 100
+    """Scan weights, buffers, EMA and optimizer state every this many steps (and keep a clean copy)."""
+    max_grad_norm: float | None = None
+    """Fixed gradient clipping: the total L2 norm is clipped to this value. ``None`` turns it off."""
+    loss_spike_z: float = 6.0
+    """A loss more than this many running standard deviations above its running mean is a spike."""
+    grad_spike_z: float = 6.0
+    """A gradient norm more than this many running standard deviations above its mean is a spike."""
+    spike_warmup_steps: int = 50
+    """Finite observations the running statistics need before spikes are judged."""
+    stats_decay: float = 0.98
+    """Decay of the running mean and variance (an EMA over about ``1/(1-decay)`` steps)."""
+    on_loss_spike: str = "skip"
+    """``skip`` the update, or only ``record`` the spike."""
+    on_grad_spike: str = "clip"
+    """``clip`` the gradients to the spike threshold (adaptive clipping), ``skip`` the update, or ``record``."""
+    max_skips_in_window: int = 5
+    """This many skipped steps within ``skip_window_steps`` escalate to a restore of the last clean state."""
+    skip_window_steps: int = 50
+    """The window, in steps, over which skipped steps are counted."""
+    max_restores: int = 3
+    """Restores without a clean check in between before training is stopped with a report."""
+    lr_backoff_factor: float = 0.5
+    """After an incident named in ``lr_backoff_on``, the learning rate is multiplied by this factor ..."""
+    lr_probation_steps: int = 100
+    """... for this many steps ..."""
+    lr_recovery_steps: int = 100
+    """... and then brought back to its full value linearly over this many steps."""
+    lr_backoff_on: tuple[str, ...] = ("restore", "loss_spike")
+    """Which events start an LR back-off: any of restore, skip, loss_spike, grad_spike."""
+    sync_free: bool = False
+    """GPU mode: no host-device synchronisation per step. Flags are kept on the device and read every
+    ``check_every_steps`` steps or on :meth:`Guard.flush`; the update is masked on the device."""
+
+    def __post_init__(self) -> None:
+        for name in ("check_every_steps", "spike_warmup_steps", "max_skips_in_window", "skip_window_steps"):
+            _require_int(name, getattr(self, name), minimum=1)
+        for name in ("max_restores", "lr_probation_steps", "lr_recovery_steps"):
+            _require_int(name, getattr(self, name), minimum=0)
+        if self.max_grad_norm is not None:
+            _require_positive(self, "max_grad_norm")
+        _require_positive(self, "loss_spike_z")
+        _require_positive(self, "grad_spike_z")
+        _require_fraction(self, "stats_decay")
+        _require_fraction(self, "lr_backoff_factor", allow_one=True)
+        _require_choice("on_loss_spike", self.on_loss_spike, _LOSS_SPIKE_ACTIONS)
+        _require_choice("on_grad_spike", self.on_grad_spike, _GRAD_SPIKE_ACTIONS)
+        if isinstance(self.lr_backoff_on, list):  # TOML arrays arrive as lists
+            object.__setattr__(self, "lr_backoff_on", tuple(self.lr_backoff_on))
+        if not isinstance(self.lr_backoff_on, tuple):
+            raise PolicyError(f"lr_backoff_on must be a list of names, got {self.lr_backoff_on!r}")
+        for item in self.lr_backoff_on:
+            _require_choice("lr_backoff_on", item, _BACKOFF_TRIGGERS)
+        if not isinstance(self.sync_free, bool):
+            raise PolicyError(f"sync_free must be true or false, got {self.sync_free!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The policy as plain values (for the journal and for TOML)."""
+        values = asdict(self)
+        values["lr_backoff_on"] = list(self.lr_backoff_on)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "policy") -> Policy:
+        """Build a policy from plain values; unknown keys and bad values raise :class:`PolicyError`
+        whose message starts with ``source``."""
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                raise PolicyError(f"{source}: unknown key {key!r} (known keys: {', '.join(sorted(known))})")
+        try:
+            return cls(**values)
+        except PolicyError as err:
+            raise PolicyError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Policy:
+        """Load ``nanguard.toml`` (keys at the top level) or ``pyproject.toml`` (keys under ``[tool.nanguard]``)."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise PolicyError(f"{path}: no such policy file") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise PolicyError(f"{path}: cannot read policy file ({err})") from None
+        except tomllib.TOMLDecodeError as err:
+            raise PolicyError(f"{path}: not valid TOML ({err})") from None
+        if path.name == "pyproject.toml":
+            data = data.get("tool", {}).get("nanguard", {})
+            if not isinstance(data, dict):
+                raise PolicyError(f"{path}: [tool.nanguard] must be a table")
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def discover(cls, directory: str | Path = ".") -> Policy:
+        """The policy for a project folder: ``nanguard.toml``, else ``[tool.nanguard]`` in
+        ``pyproject.toml``, else the defaults."""
+        directory = Path(directory)
+        if (directory / "nanguard.toml").is_file():
+            return cls.from_file(directory / "nanguard.toml")
+        pyproject = directory / "pyproject.toml"
+        if pyproject.is_file():
+            return cls.from_file(pyproject)
+        return cls()
+
+
+def _require_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise PolicyError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _require_positive(policy: Policy, name: str) -> None:
+    value = getattr(policy, name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise PolicyError(f"{name} must be a positive number, got {value!r}")
+
+
+def _require_fraction(policy: Policy, name: str, *, allow_one: bool = False) -> None:
+    value = getattr(policy, name)
+    upper_ok = value <= 1 if allow_one else value < 1
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (value > 0 and upper_ok):
+        bound = "in (0, 1]" if allow_one else "in (0, 1)"
+        raise PolicyError(f"{name} must be a number {bound}, got {value!r}")
+
+
+def _require_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise PolicyError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+class Action(str, Enum):
+    """What the guard does with one step."""
+
+    CONTINUE = "continue"
+    """Apply the update as it is."""
+    CLIP = "clip"
+    """Apply the update with gradients clipped to ``Decision.clip_to``."""
+    SKIP = "skip"
+    """Do not apply the update; optimizer state, EMA, scheduler, scaler and buffers stay as they were."""
+    RESTORE = "restore"
+    """Do not apply the update and put back the last state verified clean."""
+    STOP = "stop"
+    """Stop training with a report: recovery is not getting past the incident."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The policy's answer for one step."""
+
+    action: Action
+    reason: str = ""
+    clip_to: float | None = None
+
+
+@dataclass
+class Escalation:
+    """The history that turns repeated trouble into a stronger answer: skips within a window and
+    restores that made no progress (no clean check since the previous restore)."""
+
+    skip_steps: deque[int] = field(default_factory=deque)
+    restores_without_progress: int = 0
+
+    def note_skip(self, step: int, window_steps: int) -> int:
+        """Count a skipped step; return how many skips fall in the window ending at ``step``."""
+        self.skip_steps.append(step)
+        while self.skip_steps and self.skip_steps[0] <= step - window_steps:
+            self.skip_steps.popleft()
+        return len(self.skip_steps)
+
+    def note_restore(self) -> None:
+        self.restores_without_progress += 1
+        self.skip_steps.clear()
+
+    def note_clean_check(self) -> None:
+        self.restores_without_progress = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "skip_steps": list(self.skip_steps), "restores": self.restores_without_progress}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_version(state, "Escalation")
+        self.skip_steps = deque(int(s) for s in state["skip_steps"])
+        self.restores_without_progress = int(state["restores"])
+
+
+def decide(policy: Policy, findings: list[Finding], escalation: Escalation, *, step: int) -> Decision:
+    """Map one step's findings to a decision (and update the escalation history accordingly)."""
+    kinds = {f.kind for f in findings}
+    if kinds & STATE_KINDS:
+        return _restore_or_stop(policy, escalation, "non-finite values in " + _names(kinds & STATE_KINDS))
+    skip_reason = ""
+    if Kind.NONFINITE_LOSS in kinds or Kind.NONFINITE_GRAD in kinds:
+        skip_reason = "non-finite " + _names(kinds & {Kind.NONFINITE_LOSS, Kind.NONFINITE_GRAD})
+    elif Kind.LOSS_SPIKE in kinds and policy.on_loss_spike == "skip":
+        skip_reason = "loss spike"
+    elif Kind.GRAD_SPIKE in kinds and policy.on_grad_spike == "skip":
+        skip_reason = "gradient-norm spike"
+    if skip_reason:
+        if escalation.note_skip(step, policy.skip_window_steps) >= policy.max_skips_in_window:
+            why = f"{policy.max_skips_in_window} skipped steps within {policy.skip_window_steps} steps"
+            return _restore_or_stop(policy, escalation, why)
+        return Decision(Action.SKIP, skip_reason)
+    limits = [policy.max_grad_norm] if policy.max_grad_norm is not None else []
+    grad_spike = next((f for f in findings if f.kind is Kind.GRAD_SPIKE), None)
+    if grad_spike is not None and grad_spike.threshold is not None and policy.on_grad_spike == "clip":
+        return Decision(Action.CLIP, "adaptive clip after a gradient-norm spike", min([*limits, grad_spike.threshold]))
+    return Decision(Action.CONTINUE, "", limits[0] if limits else None)
+
+
+def _restore_or_stop(policy: Policy, escalation: Escalation, why: str) -> Decision:
+    if escalation.restores_without_progress >= policy.max_restores:
+        return Decision(Action.STOP, f"{why}; {escalation.restores_without_progress} restores made no progress")
+    escalation.note_restore()
+    return Decision(Action.RESTORE, why)
+
+
+def _names(kinds: set[Kind]) -> str:
+    return ", ".join(sorted(k.value for k in kinds))
+
+
+@dataclass
+class LRBackoff:
+    """A learning-rate multiplier: ``factor`` for a probation window after an incident, then a linear
+    ramp back to 1. The guard multiplies each param group's LR by :meth:`scale` around the optimizer step
+    only, so schedulers and loops that set the LR themselves keep working."""
+
+    start_step: int | None = None
+    factor: float = 1.0
+    probation_steps: int = 0
+    recovery_steps: int = 0
+
+    def start(self, step: int, policy: Policy) -> None:
+        self.start_step = step
+        self.factor = policy.lr_backoff_factor
+        self.probation_steps = policy.lr_probation_steps
+        self.recovery_steps = policy.lr_recovery_steps
+
+    def scale(self, step: int) -> float:
+        if self.start_step is None:
+            return 1.0
+        since = step - self.start_step
+        if since < self.probation_steps:
+            return self.factor
+        ramp = since - self.probation_steps
+        if ramp < self.recovery_steps:
+            return self.factor + (1.0 - self.factor) * (ramp + 1) / (self.recovery_steps + 1)
+        self.start_step = None
+        return 1.0
+
+    def in_probation(self, step: int) -> bool:
+        return self.start_step is not None and step - self.start_step < self.probation_steps
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "start_step": self.start_step, "factor": self.factor,
+                "probation_steps": self.probation_steps, "recovery_steps": self.recovery_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_version(state, "LRBackoff")
+        self.start_step = state["start_step"]
+        self.factor = float(state["factor"])
+        self.probation_steps = int(state["probation_steps"])
+        self.recovery_steps = int(state["recovery_steps"])
+
+
+def _check_version(state: dict[str, Any], owner: str) -> None:
+    if state.get("version") != 1:
+        raise ValueError(f"{owner}.load_state_dict: unknown state version {state.get('version')!r}")
