@@ -127,13 +127,15 @@ class RunningStats:
     def warm(self) -> bool:
         return self.count >= self.warmup_steps
 
-    def threshold(self, z: float) -> float | None:
-        """The spike threshold ``mean + z * std``, or ``None`` while warming up."""
+    def threshold(self, z: float, min_ratio: float = 1.0) -> float | None:
+        """The spike threshold ``mean + z * std``, and at least ``min_ratio * mean`` for a positive mean;
+        ``None`` while warming up."""
         if not self.warm:
             return None
-        # A floor on std keeps a near-constant series from calling every wobble a spike.
+        # A floor on std keeps a near-constant series from calling every wobble a spike; the ratio keeps
+        # a noisy small-batch loss, whose std is badly estimated early on, from doing the same.
         std = max(math.sqrt(self.var), 1e-3 * abs(self.mean), 1e-12)
-        return self.mean + z * std
+        return max(self.mean + z * std, min_ratio * self.mean)
 
     def observe(self, value: float, *, cap: float | None = None) -> None:
         """Take in one value; non-finite values are ignored, values above ``cap`` enter as ``cap``."""
@@ -173,10 +175,10 @@ class DeviceRunningStats:
         self.mean = torch.zeros((), dtype=torch.float64, device=device)
         self.var = torch.zeros((), dtype=torch.float64, device=device)
 
-    def threshold(self, z: float) -> tuple[Tensor, Tensor]:
+    def threshold(self, z: float, min_ratio: float = 1.0) -> tuple[Tensor, Tensor]:
         """``(warm, threshold)`` as device tensors; the threshold is meaningful only where ``warm``."""
         std = torch.maximum(self.var.sqrt(), torch.clamp(1e-3 * self.mean.abs(), min=1e-12))
-        return self.count >= self.warmup_steps, self.mean + z * std
+        return self.count >= self.warmup_steps, torch.maximum(self.mean + z * std, min_ratio * self.mean)
 
     def observe(self, value: Tensor, *, enter: Tensor, cap: Tensor | None = None) -> None:
         """Take in ``value`` where ``enter`` is true and the value is finite; capped at ``cap``."""

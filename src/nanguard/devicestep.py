@@ -82,8 +82,8 @@ class DeviceStep:
         norm = torch.nn.utils.get_total_norm(grads, foreach=True).float() if grads else self.inf * 0
         loss = loss_t.to(device=norm.device, dtype=torch.float32)
         finite = loss.isfinite() & norm.isfinite()
-        loss_warm, loss_thr = self.loss_stats.threshold(policy.loss_spike_z)
-        grad_warm, grad_thr = self.grad_stats.threshold(policy.grad_spike_z)
+        loss_warm, loss_thr = self.loss_stats.threshold(policy.loss_spike_z, policy.spike_min_ratio)
+        grad_warm, grad_thr = self.grad_stats.threshold(policy.grad_spike_z, policy.spike_min_ratio)
         loss_spike = finite & loss_warm & (loss > loss_thr)
         grad_spike = finite & grad_warm & (norm > grad_thr)
         ok = finite

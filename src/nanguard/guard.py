@@ -193,8 +193,8 @@ class Guard:
         if not grads_ok:
             kind = Kind.AMP_OVERFLOW if self.scaler is not None and loss_ok else Kind.NONFINITE_GRAD
             findings.append(Finding(kind, norm_v, tensors=tuple(self._nonfinite_grad_names())))
-        loss_thr = self.loss_stats.threshold(policy.loss_spike_z)
-        grad_thr = self.grad_stats.threshold(policy.grad_spike_z)
+        loss_thr = self.loss_stats.threshold(policy.loss_spike_z, policy.spike_min_ratio)
+        grad_thr = self.grad_stats.threshold(policy.grad_spike_z, policy.spike_min_ratio)
         if loss_ok and loss_thr is not None and loss_v > loss_thr:
             findings.append(Finding(Kind.LOSS_SPIKE, loss_v, loss_thr))
         if grads_ok and grad_thr is not None and norm_v > grad_thr:
@@ -209,7 +209,7 @@ class Guard:
         elif periodic:
             findings.extend(self.scan_state())
         if periodic and not findings:
-            self._snapshot = Snapshot.capture(step, self._stateful(), reuse=self._snapshot)
+            self._capture_snapshot(step)
             self.escalation.note_clean_check()
 
         decision = decide(policy, findings, self.escalation, step=step)
@@ -368,6 +368,17 @@ class Guard:
         if opt_bad:
             findings.append(Finding(Kind.NONFINITE_OPTIMIZER, tensors=tuple("optimizer." + n for n in opt_bad)))
         return findings
+
+    @torch.no_grad()
+    def _capture_snapshot(self, step: int) -> None:
+        # The snapshot is the state at the start of this step. Parameters and optimizer state have not
+        # moved yet, but this step's forward already updated the buffers (BatchNorm statistics): capture
+        # them as saved at the end of the previous step.
+        current = [b.clone() for b in self._buffers]
+        self._restore_buffers()
+        self._snapshot = Snapshot.capture(step, self._stateful(), reuse=self._snapshot)
+        if current:
+            torch._foreach_copy_(self._buffers, current)
 
     def _stateful(self) -> dict[str, Stateful]:
         components: dict[str, Stateful] = {"model": self.model, "optimizer": self.optimizer}

@@ -37,6 +37,8 @@ class Policy:
     """A loss more than this many running standard deviations above its running mean is a spike."""
     grad_spike_z: float = 6.0
     """A gradient norm more than this many running standard deviations above its mean is a spike."""
+    spike_min_ratio: float = 2.0
+    """A spike must also be at least this many times the running mean (for a positive mean)."""
     spike_warmup_steps: int = 50
     """Finite observations the running statistics need before spikes are judged."""
     stats_decay: float = 0.98
@@ -72,6 +74,7 @@ class Policy:
             _require_positive(self, "max_grad_norm")
         _require_positive(self, "loss_spike_z")
         _require_positive(self, "grad_spike_z")
+        _require_positive(self, "spike_min_ratio")
         _require_fraction(self, "stats_decay")
         _require_fraction(self, "lr_backoff_factor", allow_one=True)
         _require_choice("on_loss_spike", self.on_loss_spike, _LOSS_SPIKE_ACTIONS)

@@ -1,0 +1,232 @@
+"""cli.py owns the ``nanguard`` command: the Typer app, its options, error-to-exit-code mapping and printing.
+
+It computes nothing itself. Each command is a few lines: call one library function, hand the result to
+:func:`_emit`, the one place output reaches stdout (JSON when ``--json`` is given, Rich renderables
+otherwise). Every :class:`~nanguard.errors.NanguardError`, and every ``OSError`` that names a file, becomes
+one line on stderr and the error's :class:`~nanguard.errors.ExitCode` in :meth:`_RootGroup.invoke`, the one
+error handler; ``--debug`` adds the traceback.
+
+``nanguard --help`` and the journal commands never import torch: this module imports only the journal and
+errors modules at load time, and a command that needs torch (audit, run, ...) imports it inside its body.
+
+Adding a command: reuse the shared ``Annotated`` aliases below (``RunDir``, ``JsonFlag``), call the library,
+and pass the result with a ``_render_*`` function to :func:`_emit`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich import box
+from rich.console import Console, RenderableType
+from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
+
+from nanguard import __version__
+from nanguard.errors import ExitCode, NanguardError
+from nanguard.journal import read_incidents
+
+EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "success; for audit, every checkpoint is clean",
+    ExitCode.DIRTY: "a checkpoint holds non-finite or scrubbed values",
+    ExitCode.BAD_INPUT: "a missing or unreadable file or journal, a bad policy file, a bad option",
+    ExitCode.UNSAFE: "a checkpoint would run code (globals outside the allowlist)",
+    ExitCode.STOPPED: "the guard stopped training: the policy's escalation limits were reached",
+}
+"""What each exit status means, for ``--help`` and docs/cli.md (a test keeps all three in step)."""
+
+PIPE_WIDTH = 1000
+"""Console width when stdout is not a terminal: piped output never folds, so one incident is one line."""
+
+LIST_CELL_ITEMS = 3
+"""How many tensor names or sample ids a table cell shows before it abbreviates (``--json`` has all)."""
+
+
+def _exit_code_epilog() -> str:
+    lines = [f"{int(code)}  {code.name}: {EXIT_CODE_MEANINGS[code]}" for code in ExitCode]
+    return "Exit codes:\n\n" + "\n".join(lines)
+
+
+class _RootGroup(TyperGroup):
+    """The root command group. Its :meth:`invoke` is the single place errors become exit codes."""
+
+    # ctx is a click Context; recent Typer vendors click, so no public type names it across Typer versions.
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except NanguardError as err:
+            _fail(err, err.exit_code, str(err), debug=bool(ctx.params.get("debug")))
+        except OSError as err:
+            # An OSError that names a file is a bad path the library did not wrap; any other (a broken
+            # pipe, a full disk) is not the user's input, so Typer's own handling gets it.
+            if err.filename is None:
+                raise
+            message = f"{err.filename}: {err.strerror or err}"
+            _fail(err, ExitCode.BAD_INPUT, message, debug=bool(ctx.params.get("debug")))
+
+
+def _fail(err: BaseException, code: ExitCode, message: str, *, debug: bool) -> NoReturn:
+    """Print ``message`` as one line on stderr (after the traceback with ``--debug``) and exit with ``code``."""
+    if debug:
+        traceback.print_exception(err)
+    one_line = " ".join(message.splitlines()) or type(err).__name__
+    typer.echo(f"nanguard: error: {one_line}", err=True)
+    raise typer.Exit(int(code)) from None
+
+
+app = typer.Typer(
+    name="nanguard",
+    cls=_RootGroup,
+    epilog=_exit_code_epilog(),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+)
+
+# Shared arguments and options: every command that takes one uses these aliases, so help text and
+# flag names stay the same across commands.
+RunDir = Annotated[
+    Path,
+    typer.Argument(help="A training run's folder, the one that holds .nanguard/journal.db.", show_default=False),
+]
+JsonFlag = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help='Print JSON instead of a table. Non-finite numbers are written as the strings "nan", "inf", "-inf".',
+    ),
+]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"nanguard {__version__}")
+        raise typer.Exit(int(ExitCode.OK))
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the nanguard version and exit.", callback=_print_version, is_eager=True),
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback when a command fails.")] = False,
+) -> None:
+    """Keep long PyTorch training runs healthy: read a run's journal of NaN/Inf and spike incidents."""
+
+
+@app.command()
+def incidents(run_dir: RunDir, as_json: JsonFlag = False) -> None:
+    """List a run's incidents: what went wrong, at which step, in which tensors, and what the guard did."""
+    _emit(read_incidents(run_dir), as_json=as_json, render=_render_incidents)
+
+
+def main() -> None:
+    """Entry point of the ``nanguard`` console script and of ``python -m nanguard``."""
+    app()
+
+
+# ---- output ---------------------------------------------------------------------------------------------
+
+
+def _emit(data: Any, *, as_json: bool, render: Callable[[Any], Iterable[RenderableType]]) -> None:
+    """Print a command's result: ``data`` as JSON when ``as_json``, else what ``render(data)`` yields."""
+    if as_json:
+        # allow_nan=False: a NaN that slipped past _json_safe fails here instead of writing invalid JSON.
+        typer.echo(json.dumps(_json_safe(data), indent=2, allow_nan=False))
+        return
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = PIPE_WIDTH  # Rich would assume 80 columns and fold every row of a wide table
+    for renderable in render(data):
+        console.print(renderable)
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``"nan"``, ``"inf"`` or ``"-inf"``.
+
+    JSON has no NaN or Infinity; Python's ``json`` would write the non-standard tokens ``NaN``/``Infinity``.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # str() of a non-finite float is exactly "nan", "inf" or "-inf"
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _render_incidents(rows: list[dict[str, Any]]) -> Iterable[RenderableType]:
+    """A table of incidents, one row each, then a one-line count per kind and per action."""
+    if not rows:
+        yield Text("no incidents")
+        return
+    # Narrow columns first: on an 80-column terminal the two list columns fold, the rest stays readable.
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True, header_style="bold")
+    for header in ("id", "step", "epoch", "batch", "rank"):
+        table.add_column(header, justify="right", overflow="fold")
+    table.add_column("kind", overflow="fold")
+    table.add_column("action", overflow="fold")
+    table.add_column("loss", justify="right", overflow="fold")
+    table.add_column("grad norm", justify="right", overflow="fold")
+    table.add_column("non-finite tensors", overflow="fold", min_width=10)
+    table.add_column("samples", overflow="fold", min_width=7)
+    for row in rows:
+        table.add_row(
+            _int_cell(row["id"]),
+            _int_cell(row["step"]),
+            _int_cell(row["epoch"]),
+            _int_cell(row["batch_index"]),
+            _int_cell(row["rank"]),
+            Text(row["kind"]),
+            Text(row["action"]),
+            _float_cell(row["loss"]),
+            _float_cell(row["grad_norm"]),
+            _list_cell(row["tensors"]),
+            _list_cell(row["sample_ids"]),
+        )
+    yield table
+    yield Text(_incident_summary(rows))
+
+
+def _incident_summary(rows: list[dict[str, Any]]) -> str:
+    kinds = Counter(row["kind"] for row in rows)
+    actions = Counter(row["action"] for row in rows)
+    noun = "incident" if len(rows) == 1 else "incidents"
+    return f"{len(rows)} {noun}; kinds: {_counts(kinds)}; actions: {_counts(actions)}"
+
+
+def _counts(counter: Counter[str]) -> str:
+    return ", ".join(f"{name} {count}" for name, count in counter.most_common())
+
+
+def _missing() -> Text:
+    return Text("-", style="dim")
+
+
+def _int_cell(value: int | None) -> Text:
+    return _missing() if value is None else Text(str(value))
+
+
+def _float_cell(value: float | None) -> Text:
+    if value is None:
+        return _missing()
+    # Format spec "g" writes non-finite values as "nan", "inf", "-inf", the same words --json uses.
+    return Text(f"{value:.6g}", style="" if math.isfinite(value) else "bold red")
+
+
+def _list_cell(items: Sequence[Any] | None) -> Text:
+    if not items:
+        return _missing()
+    shown = ", ".join(str(item) for item in items[:LIST_CELL_ITEMS])
+    hidden = len(items) - LIST_CELL_ITEMS
+    return Text(f"{shown}, … +{hidden} more" if hidden > 0 else shown)

@@ -1,0 +1,190 @@
+"""Tests of the ``nanguard`` command line: output, JSON, exit codes, one-line errors, no torch import."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from nanguard import __version__
+from nanguard.cli import EXIT_CODE_MEANINGS, app
+from nanguard.errors import ExitCode
+from nanguard.journal import IncidentRecord, Journal, journal_path, read_incidents
+
+runner = CliRunner()
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+
+NAN, INF = float("nan"), float("inf")
+TENSORS = [f"model.{i}.conv.weight" for i in range(12)]
+
+
+def _journal(run_dir: Path, incidents: list[IncidentRecord]) -> Path:
+    journal = Journal(run_dir)
+    run_id = journal.start_run(policy={"on_nonfinite": "skip"})
+    for incident in incidents:
+        journal.record_incident(run_id, incident)
+    journal.close()
+    return run_dir
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return _journal(
+        tmp_path / "train",
+        [
+            IncidentRecord(
+                kind="nonfinite_loss", step=120, action="skip", epoch=1, batch_index=20, loss=NAN, grad_norm=INF,
+                tensors=TENSORS, sample_ids=["img_0001.jpg", "img_0002.jpg", "img_0003.jpg", "img_0004.jpg"],
+            ),
+            IncidentRecord(kind="loss_spike", step=130, action="clip", epoch=1, batch_index=30, loss=12.5,
+                           grad_norm=3.25, value=12.5, threshold=5.0),
+            IncidentRecord(kind="nonfinite_grad", step=140, action="skip", loss=2.0, grad_norm=-INF,
+                           tensors=["fc.weight"], rank=1),
+        ],
+    )
+
+
+def _assert_one_line_error(result: Result, code: ExitCode, *fragments: str) -> None:
+    assert result.exit_code == code, result.output
+    assert result.stdout == "", result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nanguard: error: "), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], result.output
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"nanguard {__version__}\n"
+
+
+def test_python_dash_m_nanguard_runs_the_cli() -> None:
+    done = subprocess.run([sys.executable, "-m", "nanguard", "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"nanguard {__version__}\n"
+
+
+def test_help_lists_every_exit_code() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0, result.output
+    assert "incidents" in result.stdout
+    for code in ExitCode:
+        assert re.search(rf"^\s*{int(code)}\s+{code.name}:", result.stdout, re.MULTILINE), result.output
+
+
+def test_docs_exit_code_table_matches_exit_codes() -> None:
+    rows = re.findall(r"^\| (\d+) \| `(\w+)` \| (.+?) \|$", DOCS.read_text(), re.MULTILINE)
+    assert [(int(code), name) for code, name, _ in rows] == [(int(code), code.name) for code in ExitCode]
+    assert set(EXIT_CODE_MEANINGS) == set(ExitCode)
+
+
+def test_help_and_incidents_do_not_import_torch(run_dir: Path) -> None:
+    script = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from nanguard.cli import app\n"
+        "for args in (['--help'], ['incidents', sys.argv[1]], ['incidents', sys.argv[1], '--json']):\n"
+        "    result = CliRunner().invoke(app, args)\n"
+        "    assert result.exit_code == 0, result.output\n"
+        "assert 'torch' not in sys.modules, 'the CLI imported torch'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(run_dir)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_incidents_lists_every_journal_row(run_dir: Path) -> None:
+    result = runner.invoke(app, ["incidents", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines if re.match(r"^\s*\d+\s+\d+\s", line)}
+    assert rows.keys() == {"1", "2", "3"}, result.output
+    assert rows["1"][:7] == ["1", "120", "1", "20", "0", "nonfinite_loss", "skip"]
+    assert rows["2"][:9] == ["2", "130", "1", "30", "0", "loss_spike", "clip", "12.5", "3.25"]
+    assert rows["3"][:9] == ["3", "140", "-", "-", "1", "nonfinite_grad", "skip", "2", "-inf"]
+    assert "fc.weight" in result.stdout
+    assert lines[-1] == "3 incidents; kinds: nonfinite_loss 1, loss_spike 1, nonfinite_grad 1; actions: skip 2, clip 1"
+
+
+def test_incidents_prints_nonfinite_values_as_nan_and_inf(run_dir: Path) -> None:
+    result = runner.invoke(app, ["incidents", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    first = next(line for line in result.stdout.splitlines() if line.split()[:2] == ["1", "120"])
+    assert first.split()[7:9] == ["nan", "inf"], result.output
+
+
+def test_incidents_abbreviates_long_lists_in_table_but_not_in_json(run_dir: Path) -> None:
+    table = runner.invoke(app, ["incidents", str(run_dir)])
+    assert table.exit_code == 0, table.output
+    assert "model.0.conv.weight, model.1.conv.weight, model.2.conv.weight, … +9 more" in table.stdout
+    assert "model.3.conv.weight" not in table.stdout
+    assert "img_0001.jpg, img_0002.jpg, img_0003.jpg, … +1 more" in table.stdout
+    as_json = runner.invoke(app, ["incidents", str(run_dir), "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    first = json.loads(as_json.stdout)[0]
+    assert first["tensors"] == TENSORS
+    assert first["sample_ids"] == ["img_0001.jpg", "img_0002.jpg", "img_0003.jpg", "img_0004.jpg"]
+
+
+def test_json_output_is_valid_json_with_nonfinite_values(run_dir: Path) -> None:
+    result = runner.invoke(app, ["incidents", str(run_dir), "--json"])
+    assert result.exit_code == 0, result.output
+
+    def reject(token: str) -> None:
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    printed = json.loads(result.stdout, parse_constant=reject)
+    expected = read_incidents(run_dir)
+    for row in expected:
+        for key in ("loss", "grad_norm"):
+            if row[key] is not None and not math.isfinite(row[key]):
+                row[key] = str(row[key])
+    assert printed == expected
+    assert [(row["loss"], row["grad_norm"]) for row in printed] == [("nan", "inf"), (12.5, 3.25), (2.0, "-inf")]
+
+
+def test_journal_without_incidents_prints_no_incidents_exit_0(tmp_path: Path) -> None:
+    run_dir = _journal(tmp_path / "clean", [])
+    result = runner.invoke(app, ["incidents", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "no incidents\n"
+    as_json = runner.invoke(app, ["incidents", str(run_dir), "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.stdout) == []
+
+
+def test_missing_run_dir_is_one_line_exit_2(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-run"
+    result = runner.invoke(app, ["incidents", str(missing)])
+    _assert_one_line_error(result, ExitCode.BAD_INPUT, str(missing), "no such run folder")
+
+
+def test_run_dir_without_journal_is_one_line_exit_2(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["incidents", str(tmp_path)])
+    _assert_one_line_error(result, ExitCode.BAD_INPUT, "no nanguard journal", str(journal_path(tmp_path)))
+
+
+def test_non_sqlite_journal_is_one_line_exit_2_and_left_unchanged(tmp_path: Path) -> None:
+    path = journal_path(tmp_path)
+    path.parent.mkdir()
+    garbage = b"this is a training log, not a SQLite database\n" * 200
+    path.write_bytes(garbage)
+    result = runner.invoke(app, ["incidents", str(tmp_path)])
+    _assert_one_line_error(result, ExitCode.BAD_INPUT, str(path), "not a readable nanguard journal")
+    assert path.read_bytes() == garbage
+    assert sorted(p.name for p in path.parent.iterdir()) == ["journal.db"]
+
+
+def test_debug_adds_the_traceback_and_keeps_the_exit_code(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["--debug", "incidents", str(tmp_path / "missing")])
+    assert result.exit_code == ExitCode.BAD_INPUT, result.output
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "JournalError" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("nanguard: error: "), result.output
