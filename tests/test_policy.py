@@ -1,0 +1,80 @@
+"""Policy: defaults a user would expect, loadable from nanguard.toml or [tool.nanguard] in pyproject.toml,
+and every bad key or value is an error that names the key (and the file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nanguard import Policy, PolicyError
+from nanguard.errors import ExitCode
+
+
+def test_defaults_skip_nonfinite_and_loss_spikes_and_clip_gradient_spikes() -> None:
+    policy = Policy()
+    assert (policy.on_loss_spike, policy.on_grad_spike, policy.check_every_steps) == ("skip", "clip", 100)
+    assert policy.sync_free is False and policy.max_grad_norm is None
+
+
+def test_nanguard_toml_is_loaded(tmp_path: Path) -> None:
+    (tmp_path / "nanguard.toml").write_text('check_every_steps = 10\nmax_grad_norm = 1.5\nlr_backoff_on = ["skip"]\n')
+    policy = Policy.discover(tmp_path)
+    assert (policy.check_every_steps, policy.max_grad_norm, policy.lr_backoff_on) == (10, 1.5, ("skip",))
+
+
+def test_pyproject_tool_nanguard_table_is_loaded(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n\n[tool.nanguard]\nloss_spike_z = 4.0\n')
+    assert Policy.discover(tmp_path).loss_spike_z == 4.0
+
+
+def test_no_policy_file_means_defaults(tmp_path: Path) -> None:
+    assert Policy.discover(tmp_path) == Policy()
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "nanguard.toml"
+    path.write_text("check_evry_steps = 10\n")
+    with pytest.raises(PolicyError, match=r"nanguard.toml: unknown key 'check_evry_steps'") as err:
+        Policy.from_file(path)
+    assert err.value.exit_code == ExitCode.BAD_INPUT
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("check_every_steps = 0", "check_every_steps must be an integer >= 1, got 0"),
+        ("check_every_steps = 2.5", "check_every_steps must be an integer >= 1, got 2.5"),
+        ("max_grad_norm = -1.0", "max_grad_norm must be a positive number, got -1.0"),
+        ("stats_decay = 1.0", r"stats_decay must be a number in \(0, 1\), got 1.0"),
+        ('on_loss_spike = "clip"', "on_loss_spike must be one of skip, record; got 'clip'"),
+        ('on_grad_spike = "explode"', "on_grad_spike must be one of skip, clip, record; got 'explode'"),
+        ('lr_backoff_on = ["restore", "nap"]', "lr_backoff_on must be one of .*got 'nap'"),
+        ('sync_free = "yes"', "sync_free must be true or false, got 'yes'"),
+        ("loss_spike_z = true", "loss_spike_z must be a positive number, got True"),
+    ],
+)
+def test_bad_value_names_key_value_and_file(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "nanguard.toml"
+    path.write_text(line + "\n")
+    with pytest.raises(PolicyError, match=f"{path}: {message}"):
+        Policy.from_file(path)
+
+
+def test_invalid_toml_and_missing_file_are_clear_errors(tmp_path: Path) -> None:
+    path = tmp_path / "nanguard.toml"
+    path.write_text("check_every_steps = = 3\n")
+    with pytest.raises(PolicyError, match="nanguard.toml: not valid TOML"):
+        Policy.from_file(path)
+    with pytest.raises(PolicyError, match="missing.toml: no such policy file"):
+        Policy.from_file(tmp_path / "missing.toml")
+
+
+def test_bad_value_in_code_raises_at_construction() -> None:
+    with pytest.raises(PolicyError, match="max_restores must be an integer >= 0"):
+        Policy(max_restores=-1)
+
+
+def test_policy_round_trips_through_plain_values() -> None:
+    policy = Policy(check_every_steps=7, lr_backoff_on=("skip", "restore"))
+    assert Policy.from_dict(policy.to_dict()) == policy
