@@ -78,3 +78,11 @@ def test_bad_value_in_code_raises_at_construction() -> None:
 def test_policy_round_trips_through_plain_values() -> None:
     policy = Policy(check_every_steps=7, lr_backoff_on=("skip", "restore"))
     assert Policy.from_dict(policy.to_dict()) == policy
+
+
+def test_every_policy_field_is_documented_with_its_default() -> None:
+    from dataclasses import fields
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "policy.md").read_text()
+    missing = [f.name for f in fields(Policy) if f"| `{f.name}` |" not in docs]
+    assert not missing, f"docs/policy.md lacks {missing}"
