@@ -29,9 +29,9 @@ def test_optimizer_that_does_not_hold_the_models_parameters_is_refused(tmp_path:
 
 def test_wrong_types_are_refused(tmp_path: Path) -> None:
     model = nn.Linear(2, 2)
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
         nanguard.Guard("model", torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer"):
         nanguard.Guard(model, {"lr": 0.1}, run_dir=tmp_path)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="ema must have an update"):
         nanguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path, ema=object())
@@ -43,7 +43,7 @@ def test_non_scalar_or_non_tensor_loss_is_refused(tmp_path: Path) -> None:
     out = model(torch.randn(3, 2))
     with pytest.raises(ValueError, match=r"loss must have exactly one element, got shape \(3, 2\)"):
         guard.step(out)
-    with pytest.raises(TypeError, match="loss must be a torch.Tensor with one element, got float"):
+    with pytest.raises(TypeError, match=r"loss must be a torch\.Tensor with one element, got float"):
         guard.step(1.0)  # type: ignore[arg-type]
     assert guard.step_count == 0
 

@@ -64,9 +64,9 @@ def test_bad_value_names_key_value_and_file(tmp_path: Path, line: str, message: 
 def test_invalid_toml_and_missing_file_are_clear_errors(tmp_path: Path) -> None:
     path = tmp_path / "nanguard.toml"
     path.write_text("check_every_steps = = 3\n")
-    with pytest.raises(PolicyError, match="nanguard.toml: not valid TOML"):
+    with pytest.raises(PolicyError, match=r"nanguard\.toml: not valid TOML"):
         Policy.from_file(path)
-    with pytest.raises(PolicyError, match="missing.toml: no such policy file"):
+    with pytest.raises(PolicyError, match=r"missing\.toml: no such policy file"):
         Policy.from_file(tmp_path / "missing.toml")
 
 
