@@ -73,3 +73,16 @@ def test_policy_path_is_loaded_and_bad_policy_file_refused(tmp_path: Path) -> No
     path.write_text("check_every_steps = -3\n")
     with pytest.raises(nanguard.PolicyError, match="check_every_steps"):
         nanguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path, policy=path)
+
+
+def test_a_buffer_that_is_non_finite_from_the_start_is_a_constant_not_damage(tmp_path: Path) -> None:
+    model = nn.Linear(4, 4)
+    model.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(4), persistent=False)
+    guard = nanguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path,
+                           policy=nanguard.Policy(check_every_steps=1))
+    for _ in range(3):
+        loss = model(torch.randn(2, 4)).square().mean()
+        loss.backward()
+        assert guard.step(loss).applied
+    set_nan(model.weight, (0, 0))
+    assert [f.tensors for f in guard.scan_state()] == [("weight",)]

@@ -24,6 +24,7 @@ _EXPORTS = {
     "Action": "nanguard.policy",
     "Journal": "nanguard.journal",
     "read_incidents": "nanguard.journal",
+    "read_actions": "nanguard.journal",
     "NanguardError": "nanguard.errors",
     "PolicyError": "nanguard.errors",
     "TrainingStopped": "nanguard.errors",
@@ -42,6 +43,7 @@ __all__ = [
     "StepResult",
     "TrainingStopped",
     "__version__",
+    "read_actions",
     "read_incidents",
 ]
 
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
     from nanguard.ema import EMA
     from nanguard.errors import ExitCode, NanguardError, PolicyError, TrainingStopped
     from nanguard.guard import Guard, StepResult
-    from nanguard.journal import Journal, read_incidents
+    from nanguard.journal import Journal, read_actions, read_incidents
     from nanguard.policy import Action, Policy
 
 

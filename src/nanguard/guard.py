@@ -141,6 +141,11 @@ class Guard:
         self.skipped_steps = 0
         self.incidents: list[IncidentRecord] = []
 
+        # Buffers that are already non-finite are constants (a causal mask of -inf), not damage: they are
+        # left out of every scan. Parameters and optimizer state must start finite.
+        self._constant_buffers = set(nonfinite_names((n, b) for n, b in model.named_buffers()))
+        if self._constant_buffers:
+            log.info("nanguard: buffers non-finite from the start, not scanned: %s", sorted(self._constant_buffers))
         dirty = self.scan_state()
         if dirty:
             names = ", ".join(t for f in dirty for t in f.tensors)
@@ -357,11 +362,12 @@ class Guard:
         """Look for non-finite values in weights and buffers, the EMA and the optimizer state; one finding
         per place that has any, naming the tensors. Reads flags on the host (one sync)."""
         findings = []
-        model_bad = nonfinite_names(named_model_tensors(self.model))
+        model_bad = [n for n in nonfinite_names(named_model_tensors(self.model)) if n not in self._constant_buffers]
         if model_bad:
             findings.append(Finding(Kind.NONFINITE_MODEL, tensors=tuple(model_bad)))
         if self.ema is not None:
-            ema_bad = nonfinite_names(named_model_tensors(self.ema.module, prefix="ema."))
+            ema_bad = [n for n in nonfinite_names(named_model_tensors(self.ema.module, prefix="ema."))
+                       if n.removeprefix("ema.") not in self._constant_buffers]
             if ema_bad:
                 findings.append(Finding(Kind.NONFINITE_EMA, tensors=tuple(ema_bad)))
         opt_bad = nonfinite_names(named_optimizer_tensors(self.optimizer, self._param_names))
