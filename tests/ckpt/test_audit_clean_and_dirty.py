@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nanguard.ckpt import Area, Format, Kind, Status, audit, audit_paths, inspect_checkpoint, save_checkpoint
-from tests.ckpt.conftest import copy_tree
+from tests.conftest import copy_tree
 
 
 def _kinds(verdict: object) -> set[tuple[str, Kind]]:

@@ -1,8 +1,8 @@
-"""Fixtures for the checkpoint tests: checkpoints written by real Ultralytics, Lightning and HF Trainer runs.
+"""Session fixtures shared by the whole suite: checkpoints written by real Ultralytics, Lightning and HF
+Trainer runs, and the offline Ultralytics setup (``YOLO_OFFLINE``, a private ``YOLO_CONFIG_DIR`` with a
+local font).
 
-Each framework trains once per session (tiny models, a few CPU steps, no network). The offline Ultralytics
-setup (``YOLO_OFFLINE``, a private ``YOLO_CONFIG_DIR`` with a local font) lives here for now; it is meant to
-move to ``tests/conftest.py``.
+Each framework trains once per session (tiny models, a few CPU steps, no network).
 """
 
 from __future__ import annotations
