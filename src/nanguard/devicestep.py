@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from nanguard.checks import DeviceRunningStats, Finding, Kind, clip_grads_, named_optimizer_tensors
+from nanguard.checks import DeviceRunningStats, Finding, Kind, clip_grads_, named_optimizer_tensors, total_norm
 from nanguard.ema import EMA
 from nanguard.policy import Action, Decision, decide
 
@@ -79,7 +79,7 @@ class DeviceStep:
 
         guard, policy, step = self.guard, self.guard.policy, self.guard.step_count
         grads = guard._grads()
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True).float() if grads else self.inf * 0
+        norm = total_norm(grads).to(self.device)
         loss = loss_t.to(device=norm.device, dtype=torch.float32)
         finite = loss.isfinite() & norm.isfinite()
         loss_warm, loss_thr = self.loss_stats.threshold(policy.loss_spike_z, policy.spike_min_ratio)
