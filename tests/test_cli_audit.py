@@ -229,3 +229,24 @@ def test_inspect_real_yolo_checkpoint(yolo_clean_run: Path) -> None:
     data = json.loads(as_json.stdout)
     assert data["verdict"]["format"] == "ultralytics" and data["verdict"]["epoch"] == 1
     assert data["tensor_count"] == int(fields["tensors"])
+
+
+def test_inspect_load_loads_an_allowlisted_checkpoint_with_real_classes(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["inspect", str(_clean(tmp_path)), "--load"])
+    assert result.exit_code == ExitCode.OK, result.output
+    assert "loaded:" in result.stdout and "every global allowlisted" in result.stdout
+
+
+def test_inspect_load_refuses_an_unsafe_checkpoint_and_trust_overrides_it(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    path = _evil(tmp_path, marker)
+    refused = runner.invoke(app, ["inspect", str(path), "--load"])
+    assert refused.exit_code == ExitCode.UNSAFE, refused.output
+    assert "loaded:         refused:" in refused.stdout and "posix.system" in refused.stdout, refused.output
+    assert "Traceback" not in refused.output
+    assert not marker.exists()
+    # --trust is the explicit override: the file is loaded with its real classes, so its code runs.
+    trusted = runner.invoke(app, ["inspect", str(path), "--trust"])
+    assert trusted.exit_code == ExitCode.UNSAFE, trusted.output  # the verdict is still "unsafe"
+    assert "with --trust" in trusted.stdout
+    assert marker.exists()

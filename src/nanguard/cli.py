@@ -186,16 +186,32 @@ def audit(paths: CheckpointPaths, as_json: JsonFlag = False, record: RecordDir =
 def inspect(
     path: Annotated[Path, typer.Argument(help="One checkpoint file or folder.", show_default=False)],
     as_json: JsonFlag = False,
+    load: Annotated[
+        bool, typer.Option("--load", help="Also load it with its real classes (only if every global is allowlisted).")
+    ] = False,
+    trust: Annotated[
+        bool, typer.Option("--trust", help="Load it with its real classes even with globals outside the allowlist. "
+                           "This runs whatever the file says: only for files you trust. Implies --load.")
+    ] = False,
 ) -> None:
     """Show one checkpoint: format, epoch/step, fitness, top-level keys, tensor count, bytes, dtypes, verdict.
 
-    Exit status as for audit: 0 clean, 1 dirty, 2 unreadable or missing, 3 unsafe.
+    Exit status as for audit: 0 clean, 1 dirty, 2 unreadable or missing, 3 unsafe (with --load, an unsafe
+    checkpoint is not loaded: one line naming its globals, exit 3).
     """
-    from nanguard.ckpt import inspect_checkpoint
+    from nanguard.ckpt import UnsafeCheckpoint, inspect_checkpoint, load_checkpoint
 
     _require_paths([path])
     inspection = inspect_checkpoint(path)
     data = _inspection_dict(inspection)
+    if (load or trust) and data["verdict"]["status"] != "unreadable":
+        # The safe reading above listed every global; load_checkpoint refuses unless all are allowlisted
+        # or --trust was given, and then nothing from the file has run.
+        try:
+            loaded = load_checkpoint(path, trust=trust)
+            data["loaded"] = {"type": type(loaded).__name__, "trusted": trust}
+        except UnsafeCheckpoint as err:
+            data["loaded"] = {"refused": f"{err}; pass --trust to load it anyway"}
     _emit(data, as_json=as_json, render=_render_inspection)
     raise typer.Exit(int(_audit_exit_code([data["verdict"]["status"]])))
 
@@ -421,5 +437,10 @@ def _render_inspection(data: dict[str, Any]) -> Iterable[RenderableType]:
         "tensor bytes": data["tensor_bytes"],
         "dtypes": ", ".join(f"{name} {count}" for name, count in sorted(data["dtypes"].items())) or None,
     }
+    if "loaded" in data and "refused" in data["loaded"]:
+        fields["loaded"] = "refused: " + data["loaded"]["refused"]
+    elif "loaded" in data:
+        how = "with --trust" if data["loaded"]["trusted"] else "every global allowlisted"
+        fields["loaded"] = f"yes, with its real classes ({how}): {data['loaded']['type']}"
     for name, value in fields.items():
         yield Text(f"{name + ':':<16}{'-' if value is None else value}")
