@@ -127,3 +127,11 @@ def test_quickstart_trains_with_a_toml_policy_and_records_no_incidents(tmp_path:
     assert float(found.group(3)) < float(found.group(2)) / 2, out  # it learns
     code = (EXAMPLES / "quickstart_plain.py").read_text(encoding="utf-8").split('"""', 2)[2]  # past the docstring
     assert [code.count(f"# nanguard: {i}/3") for i in (1, 2, 3)] == [1, 1, 1]
+
+
+def test_checkpoints_example_audits_without_running_code_and_refuses_the_unsafe_load(tmp_path: Path) -> None:
+    proc = _run_example("checkpoints.py", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "optimizer.state.0.exp_avg_sq: nan x1" in proc.stdout
+    assert "the shell command ran: False" in proc.stdout
+    assert "CHECKPOINTS EXAMPLE PASSED" in proc.stdout
