@@ -125,7 +125,7 @@ FAULTS = (
     Fault(INF_LOSS_STEP, "b", "Inf loss (loss * inf before backward)", "nonfinite_loss", nanguard.Action.SKIP),
     Fault(LOSS_SPIKE_STEP, "c", "100x loss spike (loss * 100 before backward)", "loss_spike", nanguard.Action.SKIP),
     Fault(NAN_WEIGHT_STEP, "d", f"NaN written into {NAN_WEIGHT_PARAM}{list(NAN_WEIGHT_INDEX)} before this step",
-          "nonfinite_model", nanguard.Action.RESTORE),
+          "nonfinite_model", nanguard.Action.ROLLBACK),
 )
 FAULT_AT = {fault.step: fault for fault in FAULTS}
 
@@ -270,11 +270,12 @@ def report_guarded_fault(
         ok = ok and untouched
         what = "weights, buffers and optimizer state untouched" if untouched else "[red]state CHANGED[/]"
     else:
-        restored = read_actions(run_dir)[-2:] if run_dir else []  # the restore, then the LR back-off
-        to_step = next((a["detail"]["restored_to_step"] for a in restored if a["action"] == "restore"), "?")
+        restored = read_actions(run_dir)[-1:] if run_dir else []  # the rollback (it starts its own LR back-off)
+        to_step = next((a["detail"]["to_step"] for a in restored if a["action"] == "rollback"), "?")
         clean = not nonfinite_state(guard.model, guard.optimizer)
         ok = ok and clean
-        what = f"restored the clean copy from step {to_step}; " + ("state all finite" if clean else "[red]NOT[/]")
+        finite = "state all finite" if clean else "[red]NOT[/]"
+        what = f"rolled back to the clean snapshot of step {to_step}; {finite}"
     mark = "[bold green]caught[/]" if ok else "[bold red]NOT CAUGHT[/]"
     console.print(f"           {mark}: {', '.join(kinds)}{detail} -> {action} (applied={result.applied}); {what}")
     return ok

@@ -69,7 +69,7 @@ def test_demo_catches_every_injected_fault_and_ends_clean(demo_run: DemoRun) -> 
     assert "NOT CAUGHT" not in out, out
     assert "faults caught by nanguard: 4 of 4;" in out, out
     assert out.count("weights, buffers and optimizer state untouched") == 3, out  # the three skipped steps
-    assert "restored the clean copy from step" in out, out
+    assert "rolled back to the clean snapshot of step" in out, out
     assert "guarded run: all final weights, buffers and optimizer state are finite" in out, out
     assert "DEMO PASSED" in out and "DEMO FAILED" not in out, out
 

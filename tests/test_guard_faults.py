@@ -100,24 +100,26 @@ def test_hundredfold_loss_spike_is_skipped_after_warmup(tmp_path: Path) -> None:
     assert [(a["action"], a["step"]) for a in actions] == [("lr_backoff", 20)]
 
 
-def test_nan_in_a_weight_is_named_and_the_last_clean_state_is_restored(tmp_path: Path) -> None:
+def test_nan_in_a_weight_is_named_and_rolled_back_to_the_last_clean_snapshot(tmp_path: Path) -> None:
     setup = make_setup()
     guard = guard_for(setup, tmp_path)
     pre: dict[int, dict[str, torch.Tensor]] = {}
     train(setup, guard, before_forward={12: lambda i, s: set_nan(s.model[3].weight, (0, 0))}, pre=pre)
     assert rows(tmp_path) == [
-        {"kind": "nonfinite_loss", "step": 12, "epoch": 0, "batch_index": 12, "tensors": [], "action": "restore"},
+        {"kind": "nonfinite_loss", "step": 12, "epoch": 0, "batch_index": 12, "tensors": [], "action": "rollback"},
         {"kind": "nonfinite_model", "step": 12, "epoch": 0, "batch_index": 12, "tensors": ["3.weight"],
-         "action": "restore"},
+         "action": "rollback"},
     ]
-    # Restored to the state verified clean at the last check: the start of step 10.
+    # Back to the snapshot verified clean at the end of step 9 (the start of step 10). This loop feeds
+    # batches itself, so the data is not rewound (guard.batches() does that; see test_rollback.py).
     assert_same_state(pre[13], pre[10])
-    actions = nanguard.journal.read_actions(tmp_path)
-    assert actions[0]["action"] == "restore" and actions[0]["detail"] == {"restored_to_step": 10}
+    rollback = nanguard.read_actions(tmp_path)[0]
+    assert rollback["action"] == "rollback"
+    assert (rollback["detail"]["to_step"], rollback["detail"]["data_rewound"]) == (10, False)
     assert all(torch.isfinite(t).all() for t in state_of(setup).values())
 
 
-def test_nan_in_adam_second_moment_is_caught_before_the_update(tmp_path: Path) -> None:
+def test_nan_in_adam_second_moment_is_found_at_the_check_and_rolled_back(tmp_path: Path) -> None:
     setup = make_setup()
     guard = guard_for(setup, tmp_path)
     pre: dict[int, dict[str, torch.Tensor]] = {}
@@ -126,32 +128,35 @@ def test_nan_in_adam_second_moment_is_caught_before_the_update(tmp_path: Path) -
     def poison_moment(i: int, s: Setup) -> None:
         set_nan(s.optimizer.state[weight]["exp_avg_sq"], (3, 4))
 
-    train(setup, guard, before_forward={15: poison_moment}, pre=pre)
-    assert rows(tmp_path) == [{"kind": "nonfinite_optimizer", "step": 15, "epoch": 0, "batch_index": 15,
-                               "tensors": ["optimizer.0.weight.exp_avg_sq"], "action": "restore"}]
-    # The NaN moment never reached a weight: the update of step 15 was not applied, and the state went
-    # back to the clean copy from the start of step 10.
-    assert_same_state(pre[16], pre[10])
+    train(setup, guard, before_forward={14: poison_moment}, pre=pre)
+    # The check at the end of step 14 finds the moment, and the weight element it already reached.
+    assert rows(tmp_path) == [
+        {"kind": "nonfinite_model", "step": 14, "epoch": 0, "batch_index": 14, "tensors": ["0.weight"],
+         "action": "rollback"},
+        {"kind": "nonfinite_optimizer", "step": 14, "epoch": 0, "batch_index": 14,
+         "tensors": ["optimizer.0.weight.exp_avg_sq"], "action": "rollback"},
+    ]
+    assert_same_state(pre[15], pre[10])
     assert all(torch.isfinite(t).all() for t in state_of(setup).values())
 
 
 def test_nan_in_batchnorm_running_var_is_caught_at_the_next_check(tmp_path: Path) -> None:
     setup = make_setup()
     guard = guard_for(setup, tmp_path)
-    train(setup, guard, before_forward={14: lambda i, s: set_nan(s.model[1].running_var, (5,))})
-    assert rows(tmp_path) == [{"kind": "nonfinite_model", "step": 15, "epoch": 0, "batch_index": 15,
-                               "tensors": ["1.running_var"], "action": "restore"}]
+    train(setup, guard, before_forward={13: lambda i, s: set_nan(s.model[1].running_var, (5,))})
+    assert rows(tmp_path) == [{"kind": "nonfinite_model", "step": 14, "epoch": 0, "batch_index": 14,
+                               "tensors": ["1.running_var"], "action": "rollback"}]
     assert torch.isfinite(setup.model[1].running_var).all()
 
 
-def test_nan_in_ema_is_named_and_restored(tmp_path: Path) -> None:
+def test_nan_in_ema_is_named_and_rolled_back(tmp_path: Path) -> None:
     setup = make_setup()
     ema = nanguard.EMA(setup.model, decay=0.9)
     guard = nanguard.Guard(setup.model, setup.optimizer, run_dir=tmp_path, ema=ema,
                            policy=nanguard.Policy(check_every_steps=CHECK_EVERY))
     train(setup, guard, before_forward={11: lambda i, s: set_nan(ema.module[0].bias, (2,))})
-    assert rows(tmp_path) == [{"kind": "nonfinite_ema", "step": 15, "epoch": 0, "batch_index": 15,
-                               "tensors": ["ema.0.bias"], "action": "restore"}]
+    assert rows(tmp_path) == [{"kind": "nonfinite_ema", "step": 14, "epoch": 0, "batch_index": 14,
+                               "tensors": ["ema.0.bias"], "action": "rollback"}]
     assert all(torch.isfinite(t).all() for t in ema.module.state_dict().values())
 
 
@@ -182,8 +187,9 @@ def test_training_goes_on_after_every_fault_and_ends_finite(tmp_path: Path) -> N
     guard.close()
     kinds = [(r["kind"], r["step"], r["action"]) for r in nanguard.read_incidents(tmp_path)]
     assert kinds == [("nonfinite_loss", 5, "skip"), ("nonfinite_grad", 9, "skip"), ("loss_spike", 22, "skip"),
-                     ("nonfinite_loss", 27, "skip"), ("nonfinite_loss", 31, "restore"),
-                     ("nonfinite_model", 31, "restore")]
+                     ("nonfinite_loss", 27, "skip"), ("nonfinite_loss", 31, "rollback"),
+                     ("nonfinite_model", 31, "rollback")]
+    # The rollback went back to the start of step 30; the loop kept feeding the next batches.
     assert all(r.applied for r in setup.results[32:])
     assert all(torch.isfinite(t).all() for t in state_of(setup).values())
 

@@ -49,7 +49,7 @@ def test_unknown_key_names_the_key_and_the_file(tmp_path: Path) -> None:
         ("stats_decay = 1.0", r"stats_decay must be a number in \(0, 1\), got 1.0"),
         ('on_loss_spike = "clip"', "on_loss_spike must be one of skip, record; got 'clip'"),
         ('on_grad_spike = "explode"', "on_grad_spike must be one of skip, clip, record; got 'explode'"),
-        ('lr_backoff_on = ["restore", "nap"]', "lr_backoff_on must be one of .*got 'nap'"),
+        ('lr_backoff_on = ["rollback", "nap"]', "lr_backoff_on must be one of .*got 'nap'"),
         ('sync_free = "yes"', "sync_free must be true or false, got 'yes'"),
         ("loss_spike_z = true", "loss_spike_z must be a positive number, got True"),
     ],
@@ -71,12 +71,12 @@ def test_invalid_toml_and_missing_file_are_clear_errors(tmp_path: Path) -> None:
 
 
 def test_bad_value_in_code_raises_at_construction() -> None:
-    with pytest.raises(PolicyError, match="max_restores must be an integer >= 0"):
-        Policy(max_restores=-1)
+    with pytest.raises(PolicyError, match="max_rollbacks must be an integer >= 0"):
+        Policy(max_rollbacks=-1)
 
 
 def test_policy_round_trips_through_plain_values() -> None:
-    policy = Policy(check_every_steps=7, lr_backoff_on=("skip", "restore"))
+    policy = Policy(check_every_steps=7, lr_backoff_on=("skip", "rollback"))
     assert Policy.from_dict(policy.to_dict()) == policy
 
 

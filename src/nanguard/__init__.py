@@ -20,6 +20,8 @@ _EXPORTS = {
     "Guard": "nanguard.guard",
     "StepResult": "nanguard.guard",
     "EMA": "nanguard.ema",
+    "Batch": "nanguard.data",
+    "SkipList": "nanguard.data",
     "Policy": "nanguard.policy",
     "Action": "nanguard.policy",
     "Journal": "nanguard.journal",
@@ -34,12 +36,14 @@ _EXPORTS = {
 __all__ = [
     "EMA",
     "Action",
+    "Batch",
     "ExitCode",
     "Guard",
     "Journal",
     "NanguardError",
     "Policy",
     "PolicyError",
+    "SkipList",
     "StepResult",
     "TrainingStopped",
     "__version__",
@@ -48,6 +52,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from nanguard.data import Batch, SkipList
     from nanguard.ema import EMA
     from nanguard.errors import ExitCode, NanguardError, PolicyError, TrainingStopped
     from nanguard.guard import Guard, StepResult

@@ -63,21 +63,29 @@ class DeviceStep:
         self._live: list[Tensor] | None = None
         self._backup: list[Tensor] = []
         self._ready = False
+        self._stateless: bool | None = None
         self.inf = torch.full((), math.inf, dtype=torch.float32, device=device)
 
     def ready(self) -> bool:
-        """True once an update was applied eagerly (so the optimizer's state exists)."""
-        if not self._ready and self.guard.step_count > 0 and self.guard.skipped_steps < self.guard.step_count:
-            self._ready = True
+        """True once an update was applied eagerly, so the optimizer's state exists (and again after a
+        rollback to a snapshot taken before the optimizer had any state)."""
+        optimizer = self.guard.optimizer
+        if self.guard.applied_updates == 0:
+            return False
+        if self._stateless is None:
+            self._stateless = len(optimizer.state) == 0  # SGD without momentum keeps no state at all
+        ready = self._stateless or len(optimizer.state) > 0
+        if ready and not self._ready:
             self.load_stats()
-        return self._ready
+        self._ready = ready
+        return ready
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, loss_t: Tensor, sample_ids: Any) -> StepResult:
+    def step(self, loss_t: Tensor, sample_ids: Any, step: int) -> StepResult:
         from nanguard.guard import StepResult
 
-        guard, policy, step = self.guard, self.guard.policy, self.guard.step_count
+        guard, policy = self.guard, self.guard.policy
         grads = guard._grads()
         norm = total_norm(grads).to(self.device)
         loss = loss_t.to(device=norm.device, dtype=torch.float32)
@@ -97,7 +105,7 @@ class DeviceStep:
         if policy.max_grad_norm is not None or policy.on_grad_spike == "clip":
             clip_grads_(grads, norm, limit)
 
-        self._masked_update(ok)
+        self._masked_update(ok, step)
         if guard.ema is not None:
             ema = guard.ema.ema
             assert isinstance(ema, EMA)
@@ -111,13 +119,13 @@ class DeviceStep:
         self.ring[len(self.positions)].copy_(row)
         self.positions.append((step, guard.epoch, guard.batch_index, sample_ids))
         guard.optimizer.zero_grad(set_to_none=True)
-        if len(self.positions) == policy.check_every_steps:
+        if len(self.positions) == policy.check_every_steps or (step + 1) % policy.check_every_steps == 0:
             self.flush()
         return StepResult(step, None, None)
 
-    def _masked_update(self, ok: Tensor) -> None:
+    def _masked_update(self, ok: Tensor, step: int) -> None:
         guard = self.guard
-        saved_lrs = guard._scale_lr(guard.lr_backoff.scale(guard.step_count))
+        saved_lrs = guard._scale_lr(guard.lr_backoff.scale(step))
         try:
             if self.fused:
                 # Fused Adam/AdamW/SGD read `found_inf` and skip on the device, step counts included.
@@ -161,31 +169,21 @@ class DeviceStep:
         for values, (step, epoch, batch_index, sample_ids) in zip(rows, positions, strict=True):
             row = dict(zip(_COLUMNS, values, strict=True))
             findings = self._row_findings(row)
-            if not findings:
-                continue
-            decision = decide(policy, findings, guard.escalation, step=step)
-            done = decision
-            if decision.action in (Action.RESTORE, Action.STOP):
-                pending = pending or decision
-                done = Decision(Action.SKIP, decision.reason)  # what the device already did
-            guard._record(step, done, findings, row["loss"], row["grad_norm"], sample_ids,
-                          applied=bool(row["ok"]), position=(epoch, batch_index))
-        state_findings = guard.scan_state()
-        if state_findings and pending is None:
-            pending = decide(policy, state_findings, guard.escalation, step=last_step)
+            if findings:
+                decision = decide(policy, findings, guard.escalation, step=step)
+                done = decision
+                if decision.action in (Action.ROLLBACK, Action.STOP):
+                    pending = pending or decision
+                    done = Decision(Action.SKIP, decision.reason)  # what the device already did
+                guard._record(step, done, findings, row["loss"], row["grad_norm"], sample_ids,
+                              applied=bool(row["ok"]), position=(epoch, batch_index))
+            if pending is None or findings:
+                guard._follow_probation(step, had_incident=bool(findings))
+        self._live = None  # a rollback or a load replaces the optimizer's state tensors: re-collect them
         if pending is not None:
-            guard._reset_scaler_stage()
-            if pending.action is Action.RESTORE:
-                guard._snapshot.restore(guard._stateful())
-                guard._save_buffers()
-                self._live = None  # the optimizer's state tensors were replaced
-            guard._record(last_step, pending, state_findings, None, None, None, applied=False,
-                          position=(guard.epoch, guard.batch_index))
+            guard._roll_back_or_stop(last_step, pending)
         else:
-            from nanguard.snapshot import Snapshot
-
-            guard._snapshot = Snapshot.capture(last_step + 1, guard._stateful(), reuse=guard._snapshot)
-            guard.escalation.note_clean_check()
+            guard.check_state(last_step)
         self.sync_stats()
         return guard.incidents[before:]
 

@@ -71,3 +71,23 @@ class EMA:
         self.decay = float(state["decay"])
         self.updates = int(state["updates"])
         self.module.load_state_dict(state["module"])
+
+
+class EMAAdapter:
+    """Gives any EMA object the two calls the guard needs: ``update(model)`` and its module to scan."""
+
+    def __init__(self, ema: Any) -> None:
+        self.ema = ema
+        if hasattr(ema, "update_parameters"):  # torch.optim.swa_utils.AveragedModel
+            self._update = ema.update_parameters
+        elif callable(getattr(ema, "update", None)):  # nanguard.EMA, Ultralytics ModelEMA, timm ModelEma*
+            self._update = ema.update
+        else:
+            raise TypeError(f"ema must have an update(model) or update_parameters(model) method, got {type(ema)!r}")
+        module = ema if isinstance(ema, nn.Module) else getattr(ema, "module", None) or getattr(ema, "ema", None)
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"cannot find the averaged module of {type(ema).__name__} (.module or .ema)")
+        self.module: nn.Module = module
+
+    def update(self, model: nn.Module) -> None:
+        self._update(model)

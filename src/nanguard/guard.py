@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -41,10 +42,14 @@ from nanguard.checks import (
     nonfinite_names,
     total_norm,
 )
+from nanguard.ema import EMAAdapter
 from nanguard.errors import TrainingStopped
 from nanguard.journal import IncidentRecord, Journal
 from nanguard.policy import Action, Decision, Escalation, LRBackoff, Policy, decide
-from nanguard.snapshot import Snapshot, Stateful
+from nanguard.snapshot import Stateful
+
+if TYPE_CHECKING:
+    from nanguard.data import Batch
 
 log = logging.getLogger(__name__)
 
@@ -60,26 +65,6 @@ class StepResult:
     loss: float | None = None
     grad_norm: float | None = None
     findings: tuple[Finding, ...] = ()
-
-
-class _EMAAdapter:
-    """Gives any EMA object the two calls the guard needs: ``update(model)`` and its module to scan."""
-
-    def __init__(self, ema: Any) -> None:
-        self.ema = ema
-        if hasattr(ema, "update_parameters"):  # torch.optim.swa_utils.AveragedModel
-            self._update = ema.update_parameters
-        elif callable(getattr(ema, "update", None)):  # nanguard.EMA, Ultralytics ModelEMA, timm ModelEma*
-            self._update = ema.update
-        else:
-            raise TypeError(f"ema must have an update(model) or update_parameters(model) method, got {type(ema)!r}")
-        module = ema if isinstance(ema, nn.Module) else getattr(ema, "module", None) or getattr(ema, "ema", None)
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"cannot find the averaged module of {type(ema).__name__} (.module or .ema)")
-        self.module: nn.Module = module
-
-    def update(self, model: nn.Module) -> None:
-        self._update(model)
 
 
 class Guard:
@@ -119,7 +104,7 @@ class Guard:
             policy = Policy.from_file(policy)
         self.policy = policy if policy is not None else Policy.discover(Path.cwd())
         self.model, self.optimizer, self.scaler, self.scheduler = model, optimizer, scaler, scheduler
-        self.ema = _EMAAdapter(ema) if ema is not None else None
+        self.ema = EMAAdapter(ema) if ema is not None else None
         self._param_names = {id(p): name for name, p in model.named_parameters()}
         self._params = _check_optimizer_params(model, optimizer, self._param_names)
         self._buffers = [b for b in model.buffers()]
@@ -139,6 +124,7 @@ class Guard:
         self.escalation = Escalation()
         self.lr_backoff = LRBackoff()
         self.skipped_steps = 0
+        self.applied_updates = 0
         self.incidents: list[IncidentRecord] = []
 
         # Buffers that are already non-finite are constants (a causal mask of -inf), not damage: they are
@@ -150,11 +136,44 @@ class Guard:
         if dirty:
             names = ", ".join(t for f in dirty for t in f.tensors)
             raise ValueError(f"the training state already holds non-finite values before the first step: {names}")
-        self._snapshot = Snapshot.capture(0, self._stateful())
         self.journal = Journal(run_dir)
         self.run_id = self.journal.start_run(policy=self.policy.to_dict(), rank=self.rank,
                                              torch_version=torch.__version__)
+        from nanguard.recovery import Recovery  # snapshots, rollback and resume
+
+        self.recovery = Recovery(self, run_dir)
+        self.recovery.snapshot(0)
+        self._rollback_requested: str | None = None
         self._closed = False
+
+    # ------------------------------------------------------------------ the loop's data
+    def batches(self, loader: Any, *, epochs: int | None = None) -> Iterator[Batch]:
+        """Iterate ``loader`` through the guard, so a rollback can rewind the data exactly::
+
+            for batch in guard.batches(loader, epochs=10):
+                x, y = batch.data
+                ...
+                guard.step(loss)            # epoch, batch index and sample ids come from the batch
+
+        Yields :class:`~nanguard.data.Batch` (``data``, ``epoch``, ``index``, ``sample_ids``) for ``epochs``
+        epochs (``None``: until the loop stops). Skipped windows are never loaded.
+        """
+        return self.recovery.batches(loader, epochs=epochs)
+
+    def resume(self) -> int | None:
+        """Restore the newest clean snapshot on disk (``disk_snapshot_every_steps`` writes them): model,
+        optimizer, scheduler, scaler, EMA, RNG streams, the guard's state and the data position. Returns
+        the step training continues from, or ``None`` when the run folder has no snapshot (a fresh start).
+        Call it after constructing the guard and before iterating ``guard.batches``."""
+        step = self.recovery.resume()
+        if step is not None:
+            self.journal.record_action(self.run_id, step=step, action="resume", reason="resumed from disk",
+                                       detail={"step": step})
+        return step
+
+    def request_rollback(self, reason: str = "requested by the user") -> None:
+        """Roll back at the next step (a user trigger, e.g. from a validation callback)."""
+        self._rollback_requested = reason
 
     # ------------------------------------------------------------------ the step
     def step(
@@ -175,16 +194,19 @@ class Guard:
             sample_ids: identifiers of the batch's samples (indices, file names), recorded with incidents.
         """
         loss_t = loss_value_check(loss)
+        current = self.recovery.current
+        if current is not None and epoch is None and batch_index is None:
+            epoch, batch_index = current.epoch, current.index
+            sample_ids = current.sample_ids if sample_ids is None else sample_ids
         self._advance_position(epoch, batch_index)
+        step = self.step_count
+        self.step_count = step + 1  # the next step, unless a rollback rewinds it
         if self._device_mode is not None and self._device_mode.ready():
-            result = self._device_mode.step(loss_t, sample_ids)
-        else:
-            result = self._eager_step(loss_t, sample_ids)
-        self.step_count += 1
-        return result
+            return self._device_mode.step(loss_t, sample_ids, step)
+        return self._eager_step(loss_t, sample_ids, step)
 
-    def _eager_step(self, loss_t: Tensor, sample_ids: Any) -> StepResult:
-        step, policy = self.step_count, self.policy
+    def _eager_step(self, loss_t: Tensor, sample_ids: Any, step: int) -> StepResult:
+        policy = self.policy
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grads = self._grads()
@@ -205,30 +227,84 @@ class Guard:
         if grads_ok and grad_thr is not None and norm_v > grad_thr:
             findings.append(Finding(Kind.GRAD_SPIKE, norm_v, grad_thr))
 
-        periodic = step % policy.check_every_steps == 0
         if not loss_ok or (not grads_ok and self.scaler is None):
             # This step will not be applied: put back buffers its forward changed (BatchNorm statistics
             # computed from a NaN batch), then look at the state to tell a bad batch from bad state.
             self._restore_buffers()
             findings.extend(self.scan_state())
-        elif periodic:
-            findings.extend(self.scan_state())
-        if periodic and not findings:
-            self._capture_snapshot(step)
-            self.escalation.note_clean_check()
 
         decision = decide(policy, findings, self.escalation, step=step)
-        applied = self._act(decision, grads, norm_t, norm_v, grads_ok)
-        if loss_ok and decision.action is not Action.RESTORE:
-            self.loss_stats.observe(loss_v, cap=loss_thr)
-        if grads_ok and decision.action is not Action.RESTORE:
-            self.grad_stats.observe(norm_v, cap=grad_thr)
-        self._record(step, decision, findings, loss_v, norm_v, sample_ids, applied=applied,
-                     position=(self.epoch, self.batch_index))
+        if self._rollback_requested is not None and decision.action is not Action.STOP:
+            decision = Decision(Action.ROLLBACK, self._rollback_requested)
+            self._rollback_requested = None
+        applied = self._act(step, decision, grads, norm_t, norm_v, grads_ok)
+        if decision.action is not Action.ROLLBACK:
+            if loss_ok:
+                self.loss_stats.observe(loss_v, cap=loss_thr)
+            if grads_ok:
+                self.grad_stats.observe(norm_v, cap=grad_thr)
+        self._conclude(step, decision, findings, loss_v, norm_v, sample_ids, applied=applied,
+                       position=(self.epoch, self.batch_index))
         return StepResult(step, decision.action, applied, loss_v, norm_v, tuple(findings))
 
+    def _conclude(
+        self,
+        step: int,
+        decision: Decision,
+        findings: list[Finding],
+        loss_v: float | None,
+        norm_v: float | None,
+        sample_ids: Any,
+        *,
+        applied: bool,
+        position: tuple[int | None, int | None],
+        periodic_check: bool = True,
+    ) -> None:
+        """Record the step, carry out a rollback or stop, follow probation, and at the end of every
+        ``check_every_steps`` steps scan the state: clean → snapshot, contaminated → roll back."""
+        self._record(step, decision, findings, loss_v, norm_v, sample_ids, applied=applied, position=position)
+        self._follow_probation(step, had_incident=bool(findings))  # before a rollback: a failure raises its level
+        if decision.action in (Action.ROLLBACK, Action.STOP):
+            self._roll_back_or_stop(step, decision)
+            return
+        if periodic_check and (step + 1) % self.policy.check_every_steps == 0:
+            self.check_state(step)
+
+    def _follow_probation(self, step: int, *, had_incident: bool) -> None:
+        event = self.escalation.after_step(step, had_incident=had_incident)
+        if event is not None:
+            escalation = self.escalation
+            self.journal.record_action(self.run_id, step=step, action=event, reason="", detail={
+                "level": escalation.level, "rollbacks_without_progress": escalation.rollbacks_without_progress})
+
+    def check_state(self, step: int) -> bool:
+        """The periodic check at the end of ``step``: scan weights, buffers, EMA and optimizer state; keep
+        a snapshot when clean, roll back (or stop) when not. Returns whether the state was clean."""
+        dirty = self.scan_state()
+        if not dirty:
+            self.recovery.snapshot(step + 1)
+            self.escalation.note_clean_check()
+            return True
+        decision = decide(self.policy, dirty, self.escalation, step=step)
+        self._record(step, decision, dirty, None, None, None, applied=False,
+                     position=(self.epoch, self.batch_index))
+        self._roll_back_or_stop(step, decision)
+        return False
+
+    def _roll_back_or_stop(self, step: int, decision: Decision) -> None:
+        if decision.action is Action.STOP:
+            self.journal.record_action(self.run_id, step=step, action="stop", reason=decision.reason, detail={})
+            self.close(status="stopped")
+            raise TrainingStopped(f"nanguard stopped training at step {step}: {decision.reason}", self.report())
+        self._reset_scaler_stage()
+        self.optimizer.zero_grad(set_to_none=True)
+        detail = self.recovery.rollback(step, decision.reason)
+        self.journal.record_action(self.run_id, step=step, action="rollback", reason=decision.reason, detail=detail)
+
     # ------------------------------------------------------------------ acting
-    def _act(self, decision: Decision, grads: list[Tensor], norm_t: Tensor, norm_v: float, grads_ok: bool) -> bool:
+    def _act(
+        self, step: int, decision: Decision, grads: list[Tensor], norm_t: Tensor, norm_v: float, grads_ok: bool
+    ) -> bool:
         """Carry out a decision; return whether the update was applied."""
         applied = False
         if decision.action in (Action.CONTINUE, Action.CLIP):
@@ -237,23 +313,19 @@ class Guard:
                 clip_grads_(grads, norm_t, limit)
             # Under AMP, non-finite gradients at a finite loss are GradScaler's ordinary overflow: its
             # step() skips the update and update() lowers the scale, as it always does.
-            applied = self._apply_update(grads_ok)
+            applied = self._apply_update(step, grads_ok)
             if not applied:
                 self._restore_buffers()
         elif decision.action is Action.SKIP:
             self._restore_buffers()
             self._reset_scaler_stage()
-        elif decision.action is Action.RESTORE:
-            self._reset_scaler_stage()
-            self._snapshot.restore(self._stateful())
-            self._save_buffers()
         self.optimizer.zero_grad(set_to_none=True)
         if applied:
             self._save_buffers()
         return applied
 
-    def _apply_update(self, grads_ok: bool) -> bool:
-        saved_lrs = self._scale_lr(self.lr_backoff.scale(self.step_count))
+    def _apply_update(self, step: int, grads_ok: bool) -> bool:
+        saved_lrs = self._scale_lr(self.lr_backoff.scale(step))
         try:
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -263,6 +335,7 @@ class Guard:
         finally:
             self._restore_lr(saved_lrs)
         applied = grads_ok or self.scaler is None
+        self.applied_updates += applied
         if applied:
             if self.ema is not None:
                 self.ema.update(self.model)
@@ -332,13 +405,8 @@ class Guard:
                         epoch, batch_index, action)
         if decision.action is Action.SKIP:
             self.skipped_steps += 1
-        if decision.action in (Action.RESTORE, Action.STOP):
-            detail = {"restored_to_step": self._snapshot.step} if decision.action is Action.RESTORE else {}
-            self.journal.record_action(self.run_id, step=step, action=decision.action.value,
-                                       reason=decision.reason, detail=detail)
-        if decision.action is Action.STOP:
-            self.close(status="stopped")
-            raise TrainingStopped(f"nanguard stopped training at step {step}: {decision.reason}", self.report())
+        if decision.action in (Action.ROLLBACK, Action.STOP):
+            return  # a rollback starts its own back-off
         kinds = {f.kind.value for f in findings}
         triggers = set(self.policy.lr_backoff_on)
         if decision.action.value in triggers or kinds & triggers:
@@ -375,17 +443,6 @@ class Guard:
             findings.append(Finding(Kind.NONFINITE_OPTIMIZER, tensors=tuple("optimizer." + n for n in opt_bad)))
         return findings
 
-    @torch.no_grad()
-    def _capture_snapshot(self, step: int) -> None:
-        # The snapshot is the state at the start of this step. Parameters and optimizer state have not
-        # moved yet, but this step's forward already updated the buffers (BatchNorm statistics): capture
-        # them as saved at the end of the previous step.
-        current = [b.clone() for b in self._buffers]
-        self._restore_buffers()
-        self._snapshot = Snapshot.capture(step, self._stateful(), reuse=self._snapshot)
-        if current:
-            torch._foreach_copy_(self._buffers, current)
-
     def _stateful(self) -> dict[str, Stateful]:
         components: dict[str, Stateful] = {"model": self.model, "optimizer": self.optimizer}
         if self.ema is not None:
@@ -412,28 +469,38 @@ class Guard:
         else:
             self.batch_index = 0 if self.batch_index is None else self.batch_index + 1
 
-    def state_dict(self) -> dict[str, Any]:
-        """The guard's own state (position, statistics, escalation, LR back-off); not the model's."""
+    def _position_state(self) -> dict[str, Any]:
+        """What a snapshot keeps of the guard: where training is and the statistics its decisions use."""
         if self._device_mode is not None:
             self._device_mode.sync_stats()
         return {
-            "version": 1, "step": self.step_count, "epoch": self.epoch, "batch_index": self.batch_index,
+            "version": 2, "step": self.step_count, "epoch": self.epoch, "batch_index": self.batch_index,
             "skipped_steps": self.skipped_steps, "loss_stats": self.loss_stats.state_dict(),
             "grad_stats": self.grad_stats.state_dict(), "escalation": self.escalation.state_dict(),
             "lr_backoff": self.lr_backoff.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != 1:
+    def _load_position_state(self, state: dict[str, Any], *, history: bool = False) -> None:
+        """Load :meth:`_position_state`. A rollback keeps the escalation history and starts its own LR
+        back-off (``history=False``); resuming from disk restores them too."""
+        if state.get("version") != 2:
             raise ValueError(f"Guard.load_state_dict: unknown state version {state.get('version')!r}")
         self.step_count, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
         self.skipped_steps = state["skipped_steps"]
         self.loss_stats.load_state_dict(state["loss_stats"])
         self.grad_stats.load_state_dict(state["grad_stats"])
-        self.escalation.load_state_dict(state["escalation"])
-        self.lr_backoff.load_state_dict(state["lr_backoff"])
+        if history:
+            self.escalation.load_state_dict(state["escalation"])
+            self.lr_backoff.load_state_dict(state["lr_backoff"])
         if self._device_mode is not None:
             self._device_mode.load_stats()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The guard's own state (position, statistics, escalation, LR back-off); not the model's."""
+        return self._position_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._load_position_state(state, history=True)
 
     # ------------------------------------------------------------------ lifecycle
     def flush(self) -> list[IncidentRecord]:

@@ -22,7 +22,8 @@ from nanguard.errors import PolicyError
 
 _LOSS_SPIKE_ACTIONS = ("skip", "record")
 _GRAD_SPIKE_ACTIONS = ("skip", "clip", "record")
-_BACKOFF_TRIGGERS = ("restore", "skip", "loss_spike", "grad_spike")
+_BACKOFF_TRIGGERS = ("rollback", "skip", "loss_spike", "grad_spike")
+_ROLLBACK_SKIPS = ("window", "faulted", "none")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,27 +49,45 @@ class Policy:
     on_grad_spike: str = "clip"
     """``clip`` the gradients to the spike threshold (adaptive clipping), ``skip`` the update, or ``record``."""
     max_skips_in_window: int = 5
-    """This many skipped steps within ``skip_window_steps`` escalate to a restore of the last clean state."""
+    """This many skipped steps within ``skip_window_steps`` escalate to a rollback."""
     skip_window_steps: int = 50
     """The window, in steps, over which skipped steps are counted."""
-    max_restores: int = 3
-    """Restores without a clean check in between before training is stopped with a report."""
+    persistent_spike_steps: int = 3
+    """This many loss spikes in consecutive steps escalate to a rollback."""
+    snapshot_ring_size: int = 3
+    """Clean snapshots kept in memory (one is taken at every clean check)."""
+    disk_snapshot_every_steps: int | None = None
+    """Also write a clean snapshot to ``<run_dir>/.nanguard/snapshots/`` this often, in steps, for
+    ``Guard.resume``; ``None`` keeps snapshots in memory only."""
+    disk_snapshots_kept: int = 2
+    """Snapshot files kept on disk; the newest clean one is pinned and never deleted by rotation."""
+    rollback_skip: str = "window"
+    """Data skipped after a rollback: ``window`` (every batch from the snapshot to the incident),
+    ``faulted`` (only the batches that had incidents) or ``none`` (replay them all)."""
+    max_rollbacks: int = 3
+    """Rollbacks that do not get past the incident point before training is stopped with a report."""
     lr_backoff_factor: float = 0.5
     """After an incident named in ``lr_backoff_on``, the learning rate is multiplied by this factor ..."""
     lr_probation_steps: int = 100
-    """... for this many steps ..."""
+    """... for this many steps (after a rollback: the probation window, which must pass without an incident
+    and reach past the incident point) ..."""
     lr_recovery_steps: int = 100
     """... and then brought back to its full value linearly over this many steps."""
-    lr_backoff_on: tuple[str, ...] = ("restore", "loss_spike")
-    """Which events start an LR back-off: any of restore, skip, loss_spike, grad_spike."""
+    lr_backoff_on: tuple[str, ...] = ("rollback", "loss_spike")
+    """Which events start an LR back-off: any of rollback, skip, loss_spike, grad_spike."""
     sync_free: bool = False
     """GPU mode: no host-device synchronisation per step. Flags are kept on the device and read every
     ``check_every_steps`` steps or on :meth:`Guard.flush`; the update is masked on the device."""
 
     def __post_init__(self) -> None:
-        for name in ("check_every_steps", "spike_warmup_steps", "max_skips_in_window", "skip_window_steps"):
+        for name in ("check_every_steps", "spike_warmup_steps", "max_skips_in_window", "skip_window_steps",
+                     "persistent_spike_steps", "snapshot_ring_size"):
             _require_int(name, getattr(self, name), minimum=1)
-        for name in ("max_restores", "lr_probation_steps", "lr_recovery_steps"):
+        _require_int("disk_snapshots_kept", self.disk_snapshots_kept, minimum=2)
+        if self.disk_snapshot_every_steps is not None:
+            _require_int("disk_snapshot_every_steps", self.disk_snapshot_every_steps, minimum=1)
+        _require_choice("rollback_skip", self.rollback_skip, _ROLLBACK_SKIPS)
+        for name in ("max_rollbacks", "lr_probation_steps", "lr_recovery_steps"):
             _require_int(name, getattr(self, name), minimum=0)
         if self.max_grad_norm is not None:
             _require_positive(self, "max_grad_norm")
@@ -171,8 +190,9 @@ class Action(str, Enum):
     """Apply the update with gradients clipped to ``Decision.clip_to``."""
     SKIP = "skip"
     """Do not apply the update; optimizer state, EMA, scheduler, scaler and buffers stay as they were."""
-    RESTORE = "restore"
-    """Do not apply the update and put back the last state verified clean."""
+    ROLLBACK = "rollback"
+    """Do not apply the update; go back to the newest clean snapshot from before the first symptom, rewind
+    the data (skipping what the policy says) and continue on probation with a lower LR."""
     STOP = "stop"
     """Stop training with a report: recovery is not getting past the incident."""
 
@@ -188,11 +208,26 @@ class Decision:
 
 @dataclass
 class Escalation:
-    """The history that turns repeated trouble into a stronger answer: skips within a window and
-    restores that made no progress (no clean check since the previous restore)."""
+    """The history that turns repeated trouble into a stronger answer.
+
+    It counts skips within a window and consecutive loss spikes, remembers the first symptom since the last
+    clean state (a rollback goes back to before it), and follows each rollback's probation: the steps from
+    the rollback point until ``lr_probation_steps`` later *and* past the step whose incident triggered it.
+    A probation that ends without an incident is progress and resets the count; an incident during it
+    raises ``level``, which makes the next rollback go further back, skip more and back the LR off harder.
+    """
 
     skip_steps: deque[int] = field(default_factory=deque)
-    restores_without_progress: int = 0
+    spike_streak: int = 0
+    first_symptom_step: int | None = None
+    rollbacks_without_progress: int = 0
+    level: int = 0
+    incident_step: int | None = None
+    probation_until: int | None = None
+
+    def note_symptom(self, step: int) -> None:
+        if self.first_symptom_step is None:
+            self.first_symptom_step = step
 
     def note_skip(self, step: int, window_steps: int) -> int:
         """Count a skipped step; return how many skips fall in the window ending at ``step``."""
@@ -201,27 +236,63 @@ class Escalation:
             self.skip_steps.popleft()
         return len(self.skip_steps)
 
-    def note_restore(self) -> None:
-        self.restores_without_progress += 1
+    def note_rollback(self, *, incident_step: int, to_step: int, probation_steps: int) -> None:
+        self.rollbacks_without_progress += 1
+        self.incident_step = incident_step
+        self.probation_until = max(to_step + probation_steps, incident_step + 1)
         self.skip_steps.clear()
+        self.spike_streak = 0
+        self.first_symptom_step = None
 
     def note_clean_check(self) -> None:
-        self.restores_without_progress = 0
+        """A scan found the state clean: symptoms before now need not be rolled back past."""
+        if self.probation_until is None:
+            self.first_symptom_step = None
+
+    def after_step(self, step: int, *, had_incident: bool) -> str | None:
+        """Follow the probation after a step; returns ``probation_passed`` or ``probation_failed`` when it
+        ends, else ``None``."""
+        if self.probation_until is None:
+            return None
+        if had_incident:
+            self.probation_until = None
+            self.level += 1
+            return "probation_failed"
+        if step + 1 >= self.probation_until:
+            self.probation_until = None
+            self.rollbacks_without_progress = 0
+            self.level = 0
+            self.first_symptom_step = None
+            return "probation_passed"
+        return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "skip_steps": list(self.skip_steps), "restores": self.restores_without_progress}
+        return {"version": 2, "skip_steps": list(self.skip_steps), "spike_streak": self.spike_streak,
+                "first_symptom_step": self.first_symptom_step, "rollbacks": self.rollbacks_without_progress,
+                "level": self.level, "incident_step": self.incident_step, "probation_until": self.probation_until}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_version(state, "Escalation")
+        _check_version(state, "Escalation", 2)
         self.skip_steps = deque(int(s) for s in state["skip_steps"])
-        self.restores_without_progress = int(state["restores"])
+        self.spike_streak = int(state["spike_streak"])
+        self.first_symptom_step = state["first_symptom_step"]
+        self.rollbacks_without_progress = int(state["rollbacks"])
+        self.level = int(state["level"])
+        self.incident_step = state["incident_step"]
+        self.probation_until = state["probation_until"]
 
 
 def decide(policy: Policy, findings: list[Finding], escalation: Escalation, *, step: int) -> Decision:
     """Map one step's findings to a decision (and update the escalation history accordingly)."""
     kinds = {f.kind for f in findings}
+    if findings:
+        escalation.note_symptom(step)
+    escalation.spike_streak = escalation.spike_streak + 1 if Kind.LOSS_SPIKE in kinds else 0
     if kinds & STATE_KINDS:
-        return _restore_or_stop(policy, escalation, "non-finite values in " + _names(kinds & STATE_KINDS))
+        places = sorted(_STATE_PLACES[k] for k in kinds & STATE_KINDS)
+        return _rollback_or_stop(policy, escalation, "non-finite values in the " + " and ".join(places))
+    if escalation.spike_streak >= policy.persistent_spike_steps:
+        return _rollback_or_stop(policy, escalation, f"a loss spike persisted {escalation.spike_streak} steps")
     skip_reason = ""
     if Kind.NONFINITE_LOSS in kinds or Kind.NONFINITE_GRAD in kinds:
         skip_reason = "non-finite " + _names(kinds & {Kind.NONFINITE_LOSS, Kind.NONFINITE_GRAD})
@@ -232,7 +303,7 @@ def decide(policy: Policy, findings: list[Finding], escalation: Escalation, *, s
     if skip_reason:
         if escalation.note_skip(step, policy.skip_window_steps) >= policy.max_skips_in_window:
             why = f"{policy.max_skips_in_window} skipped steps within {policy.skip_window_steps} steps"
-            return _restore_or_stop(policy, escalation, why)
+            return _rollback_or_stop(policy, escalation, why)
         return Decision(Action.SKIP, skip_reason)
     limits = [policy.max_grad_norm] if policy.max_grad_norm is not None else []
     grad_spike = next((f for f in findings if f.kind is Kind.GRAD_SPIKE), None)
@@ -241,11 +312,14 @@ def decide(policy: Policy, findings: list[Finding], escalation: Escalation, *, s
     return Decision(Action.CONTINUE, "", limits[0] if limits else None)
 
 
-def _restore_or_stop(policy: Policy, escalation: Escalation, why: str) -> Decision:
-    if escalation.restores_without_progress >= policy.max_restores:
-        return Decision(Action.STOP, f"{why}; {escalation.restores_without_progress} restores made no progress")
-    escalation.note_restore()
-    return Decision(Action.RESTORE, why)
+def _rollback_or_stop(policy: Policy, escalation: Escalation, why: str) -> Decision:
+    if escalation.rollbacks_without_progress >= policy.max_rollbacks:
+        return Decision(Action.STOP, f"{why}; {escalation.rollbacks_without_progress} rollbacks did not get past "
+                                     "the incident")
+    return Decision(Action.ROLLBACK, why)
+
+
+_STATE_PLACES = {Kind.NONFINITE_MODEL: "model", Kind.NONFINITE_EMA: "EMA", Kind.NONFINITE_OPTIMIZER: "optimizer state"}
 
 
 def _names(kinds: set[Kind]) -> str:
@@ -263,9 +337,10 @@ class LRBackoff:
     probation_steps: int = 0
     recovery_steps: int = 0
 
-    def start(self, step: int, policy: Policy) -> None:
+    def start(self, step: int, policy: Policy, *, level: int = 0) -> None:
+        """Start a back-off at ``step``; each escalation ``level`` applies the factor once more."""
         self.start_step = step
-        self.factor = policy.lr_backoff_factor
+        self.factor = policy.lr_backoff_factor ** (level + 1)
         self.probation_steps = policy.lr_probation_steps
         self.recovery_steps = policy.lr_recovery_steps
 
@@ -296,6 +371,6 @@ class LRBackoff:
         self.recovery_steps = int(state["recovery_steps"])
 
 
-def _check_version(state: dict[str, Any], owner: str) -> None:
-    if state.get("version") != 1:
+def _check_version(state: dict[str, Any], owner: str, version: int = 1) -> None:
+    if state.get("version") != version:
         raise ValueError(f"{owner}.load_state_dict: unknown state version {state.get('version')!r}")
