@@ -7,11 +7,11 @@ including their step counts; other optimizers run normally and every parameter a
 selected back (``torch.where``) from a copy taken before the step. Buffers and the nanguard EMA are
 selected the same way. Each step's loss, norm and flags go into a device ring; :meth:`DeviceStep.flush`
 reads the ring once every ``check_every_steps`` steps (or when the user calls ``Guard.flush``), records
-the incidents with their exact steps, lets the policy escalate, scans the state and keeps a clean copy.
+the incidents with their exact steps, lets the policy escalate, and runs the guard's periodic check.
 
 What differs from the eager mode, on purpose:
 - the first applied step runs eagerly, because optimizers create their state in their first step;
-- escalation (restore, stop) and LR back-off happen at the flush, up to ``check_every_steps`` late;
+- escalation (rollback, stop) and LR back-off happen at the flush, up to ``check_every_steps`` late;
 - the scheduler steps on every call (its decision would need a host read);
 - gradient tensor names are not reported (the gradients are gone by the flush);
 - GradScaler is not supported (its ``step`` reads ``found_inf`` on the host); use bf16 autocast.
@@ -157,7 +157,7 @@ class DeviceStep:
 
     # ------------------------------------------------------------------ the flush
     def flush(self) -> list[Any]:
-        """Read the ring (one host sync), record its incidents, escalate, scan and keep a clean copy."""
+        """Read the ring (one host sync), record its incidents, escalate, then run the periodic check."""
         guard, policy = self.guard, self.guard.policy
         if not self.positions:
             return []

@@ -13,9 +13,10 @@ The guard owns the optimizer step. A nanoGPT-style loop adopts it with three cha
 Every step it reads the loss and the total gradient norm (one fused norm; one host read in the default
 eager mode, none in the sync-free mode), judges spikes against running statistics that a non-finite
 value never enters, and applies, clips or skips the update. A skipped update leaves weights, buffers,
-optimizer state, EMA, scheduler and GradScaler exactly as they were. Every ``check_every_steps`` it scans
-weights, buffers, EMA and optimizer state, and keeps an in-memory copy of a state found clean; state found
-contaminated is restored from that copy. Every incident is committed to the run's journal before the
+optimizer state, EMA, scheduler and GradScaler exactly as they were. At the end of every
+``check_every_steps`` steps it scans weights, buffers, EMA and optimizer state: clean, it keeps a snapshot
+(recovery.py); contaminated, it rolls back to one — and when the loop iterates ``guard.batches(loader)``,
+the data is rewound too, so replay is exact. Every incident is committed to the run's journal before the
 step returns.
 """
 

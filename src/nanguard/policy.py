@@ -31,7 +31,8 @@ class Policy:
     """What the guard checks and how it answers. Every field can be set in ``nanguard.toml``."""
 
     check_every_steps: int = 100
-    """Scan weights, buffers, EMA and optimizer state every this many steps (and keep a clean copy)."""
+    """Scan weights, buffers, EMA and optimizer state at the end of every this many steps (a clean scan keeps
+    a snapshot)."""
     max_grad_norm: float | None = None
     """Fixed gradient clipping: the total L2 norm is clipped to this value. ``None`` turns it off."""
     loss_spike_z: float = 6.0

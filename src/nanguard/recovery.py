@@ -63,13 +63,17 @@ class Recovery:
             yield batch
 
     # ------------------------------------------------------------------ snapshots
-    def snapshot(self, step: int) -> Snapshot:
+    def snapshot(self, step: int, *, to_disk: bool = True) -> Snapshot:
         """Keep the state at the start of ``step`` (call it at a step boundary, after a clean check), and
-        write it to disk when the policy's interval has passed."""
+        write it to disk when the policy's interval has passed since the last file (or the start)."""
         snap = self.ring.add(step, self.guard._stateful(), extra=self._extra())
         every = self.guard.policy.disk_snapshot_every_steps
-        if every is not None and (self._last_disk_step is None or step - self._last_disk_step >= every):
-            self.store.save(snap, clean=True)
+        if self._last_disk_step is None:
+            self._last_disk_step = step  # the state the guard started from is the user's: nothing to save
+        elif to_disk and every is not None and step - self._last_disk_step >= every:
+            current = self.current
+            self.store.save(snap, clean=True, epoch=current.epoch if current else self.guard.epoch,
+                            batch_index=current.index if current else self.guard.batch_index)
             self._last_disk_step = step
         return snap
 
