@@ -175,3 +175,25 @@ def test_rollback_keeps_every_journal_row_and_marks_the_rolled_back_ones(tmp_pat
     rollback = next(a for a in read_actions(tmp_path) if a["action"] == "rollback")
     assert rollback["detail"]["incidents_rolled_back"] == 2
     assert rollback["detail"]["skipped_windows"] == [[0, 5, 7]]
+
+
+def test_a_rollback_made_by_the_periodic_check_shows_in_the_step_result(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    results = []
+
+    def poison_buffer(run: Run, batch: Batch, x: Tensor) -> Tensor:
+        if run.guard.step_count == 2 and not results:
+            set_nan(run.model[1].running_var, (0,))  # unused in training mode: only the scan sees it
+        return x
+
+    for batch in run.guard.batches(run.loader, epochs=1):
+        x, y = batch.data
+        x = poison_buffer(run, batch, x)
+        loss = nn.functional.cross_entropy(run.model(x), y)
+        loss.backward()
+        result = run.guard.step(loss)
+        if result.action is nanguard.Action.ROLLBACK:
+            results.append(result)
+    (rolled,) = results
+    assert (rolled.step, rolled.applied) == (4, False)
+    assert [f.tensors for f in rolled.findings] == [("1.running_var",)]

@@ -244,8 +244,10 @@ class Guard:
                 self.loss_stats.observe(loss_v, cap=loss_thr)
             if grads_ok:
                 self.grad_stats.observe(norm_v, cap=grad_thr)
-        self._conclude(step, decision, findings, loss_v, norm_v, sample_ids, applied=applied,
-                       position=(self.epoch, self.batch_index))
+        late = self._conclude(step, decision, findings, loss_v, norm_v, sample_ids, applied=applied,
+                              position=(self.epoch, self.batch_index))
+        if late:  # the periodic check at the end of this step found contaminated state and rolled back
+            return StepResult(step, Action.ROLLBACK, False, loss_v, norm_v, (*findings, *late))
         return StepResult(step, decision.action, applied, loss_v, norm_v, tuple(findings))
 
     def _conclude(
@@ -260,16 +262,18 @@ class Guard:
         applied: bool,
         position: tuple[int | None, int | None],
         periodic_check: bool = True,
-    ) -> None:
+    ) -> list[Finding]:
         """Record the step, carry out a rollback or stop, follow probation, and at the end of every
-        ``check_every_steps`` steps scan the state: clean → snapshot, contaminated → roll back."""
+        ``check_every_steps`` steps scan the state: clean → snapshot, contaminated → roll back. Returns the
+        findings of that scan when it rolled back."""
         self._record(step, decision, findings, loss_v, norm_v, sample_ids, applied=applied, position=position)
         self._follow_probation(step, had_incident=bool(findings))  # before a rollback: a failure raises its level
         if decision.action in (Action.ROLLBACK, Action.STOP):
             self._roll_back_or_stop(step, decision)
-            return
+            return []
         if periodic_check and (step + 1) % self.policy.check_every_steps == 0:
-            self.check_state(step)
+            return self.check_state(step)
+        return []
 
     def _follow_probation(self, step: int, *, had_incident: bool) -> None:
         event = self.escalation.after_step(step, had_incident=had_incident)
@@ -278,19 +282,19 @@ class Guard:
             self.journal.record_action(self.run_id, step=step, action=event, reason="", detail={
                 "level": escalation.level, "rollbacks_without_progress": escalation.rollbacks_without_progress})
 
-    def check_state(self, step: int) -> bool:
+    def check_state(self, step: int) -> list[Finding]:
         """The periodic check at the end of ``step``: scan weights, buffers, EMA and optimizer state; keep
-        a snapshot when clean, roll back (or stop) when not. Returns whether the state was clean."""
+        a snapshot when clean, roll back (or stop) when not. Returns what the scan found."""
         dirty = self.scan_state()
         if not dirty:
             self.recovery.snapshot(step + 1)
             self.escalation.note_clean_check()
-            return True
+            return []
         decision = decide(self.policy, dirty, self.escalation, step=step)
         self._record(step, decision, dirty, None, None, None, applied=False,
                      position=(self.epoch, self.batch_index))
         self._roll_back_or_stop(step, decision)
-        return False
+        return dirty
 
     def _roll_back_or_stop(self, step: int, decision: Decision) -> None:
         if decision.action is Action.STOP:
