@@ -149,3 +149,13 @@ def copy_tree(src: Path, dst: Path) -> Path:
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def yolo_periodic_run(yolo_offline: Path, yolo_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run folder (the one holding ``weights/``) of a finished healthy 4-epoch run with ``save_period=1``:
+    ``weights/epoch0.pt`` … ``epoch3.pt`` mid-training, ``last.pt``/``best.pt`` stripped, 4 rows in results.csv.
+
+    Tests that change it must work on a copy (:func:`copy_tree`).
+    """
+    return train_yolo(tmp_path_factory.mktemp("yolo_periodic"), yolo_dataset, epochs=4).parent

@@ -23,6 +23,8 @@ class ExitCode(IntEnum):
     """A checkpoint would run code (globals outside the allowlist)."""
     STOPPED = 4
     """The guard stopped training: the policy's escalation limits were reached."""
+    LOCKED = 5
+    """Another nanguard process holds the run's lock (``.nanguard/lock``); nothing was changed."""
 
 
 class NanguardError(Exception):

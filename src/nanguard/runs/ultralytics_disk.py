@@ -1,0 +1,769 @@
+"""ultralytics_disk.py rolls an Ultralytics training run back on disk, the procedure users otherwise do by hand.
+
+A run folder (``runs/detect/train``) holds ``weights/last.pt``, ``best.pt``, ``epochN.pt`` (with
+``save_period``) and ``results.csv``. Rolling back means: pick a checkpoint that still carries optimizer state
+and is clean, make it ``weights/last.pt`` so that ``yolo train resume model=…/last.pt`` continues at the
+epoch after it, and drop the results.csv rows of the epochs that are undone.
+
+- :func:`plan_rollback` is pure: it audits every checkpoint without running code from it, picks the target,
+  and explains what would change. It refuses (a :class:`RollbackRefused`, one line naming the file and the
+  reason) a stripped checkpoint (``epoch == -1``), one without optimizer state, the final epoch's checkpoint,
+  and, unless ``force``, a dirty, unsafe or journal-tainted one.
+- :func:`apply_rollback` takes the run's lock (``.nanguard/lock``, created with ``O_EXCL``; a held lock raises
+  :class:`RunLocked`, exit code ``LOCKED``), copies ``last.pt``, ``best.pt`` and ``results.csv`` into
+  ``.nanguard/backups/<UTC time>/`` first, then writes each file atomically (temp file + rename), records a
+  ``disk_rollback`` action in the journal and releases the lock.
+- :func:`undo_last` restores the newest unused backup byte for byte and marks it used.
+
+Epochs: a checkpoint's ``epoch`` is the 0-based index of the epoch it finished; Ultralytics resumes at
+``epoch + 1`` (and prints it 1-based, ``from epoch epoch+2``). results.csv numbers epochs from 1, so a
+checkpoint of epoch index E goes with rows ``1 … E+1``.
+
+A checkpoint is loaded with its real classes only to rewrite it (``lr0`` scaling, or a ``save_dir`` that no
+longer names this folder), and only through :func:`nanguard.ckpt.load_checkpoint` (allowlisted globals, or
+``trust``). Otherwise the target's bytes are copied unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanguard.errors import ExitCode, NanguardError
+from nanguard.journal import JOURNAL_DIR, Journal, journal_path, read_checkpoints
+
+WEIGHTS_DIR = "weights"
+RESULTS_CSV = "results.csv"
+LOCK_FILE = "lock"
+BACKUPS_DIR = "backups"
+MANIFEST = "manifest.json"
+BACKED_UP = (f"{WEIGHTS_DIR}/last.pt", f"{WEIGHTS_DIR}/best.pt", RESULTS_CSV)
+"""The files a rollback may change, relative to the run folder; each is backed up before anything is written."""
+
+STRIPPED_REASON = (
+    "was stripped by Ultralytics after the final epoch (no optimizer state); it cannot be resumed"
+)
+_EPOCH_TARGET = re.compile(r"^epoch\s*[:=]?\s*(\d+)$", re.IGNORECASE)
+_EPOCH_FILE = re.compile(r"^epoch(\d+)\.pt$")
+
+
+class RollbackRefused(NanguardError):
+    """A rollback or undo cannot go ahead; the one-line message names the file and the reason.
+
+    ``exit_code`` is ``BAD_INPUT`` (missing folder, stripped or final checkpoint, no backup), ``DIRTY`` (a
+    dirty or tainted target without ``force``) or ``UNSAFE`` (a target with globals outside the allowlist).
+    """
+
+    def __init__(self, message: str, exit_code: ExitCode = ExitCode.BAD_INPUT) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RunLocked(NanguardError):
+    """Another nanguard process holds the run's lock file (``.nanguard/lock``)."""
+
+    exit_code = ExitCode.LOCKED
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One checkpoint of the run as the planner saw it.
+
+    Attributes:
+        path: the file.
+        status: the audit status: clean, dirty, unsafe or unreadable.
+        epoch: the 0-based epoch it records (``-1`` once stripped), if any.
+        problem: why it cannot be resumed at all (stripped, no optimizer state, final epoch...), else None.
+        concern: why it is not safe to resume without ``force`` (dirty, unsafe, tainted), else None.
+        fitness: its best fitness, if recorded.
+    """
+
+    path: Path
+    status: str
+    epoch: int | None
+    problem: str | None
+    concern: str | None
+    fitness: float | None = None
+    concern_code: ExitCode = ExitCode.OK
+
+    @property
+    def usable(self) -> bool:
+        """Resumable and clean: what ``latest-clean`` may pick."""
+        return self.problem is None and self.concern is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "status": self.status, "epoch": self.epoch, "fitness": self.fitness,
+            "usable": self.usable, "problem": self.problem, "concern": self.concern,
+        }
+
+
+@dataclass
+class RollbackPlan:
+    """What :func:`apply_rollback` will do; :func:`plan_rollback` builds it and changes nothing.
+
+    Attributes:
+        run_dir: the Ultralytics run folder (holds ``weights/`` and ``results.csv``).
+        target: the checkpoint that becomes ``weights/last.pt``.
+        target_sha256: its SHA-256 when planned; applying refuses if it changed since.
+        target_epoch: its 0-based epoch index.
+        epochs: the run's total epochs (``train_args.epochs``).
+        resume_epoch: the 0-based epoch index training resumes at (``target_epoch + 1``).
+        replace_best: whether ``best.pt`` is replaced by the new ``last.pt``, and ``best_reason`` why (not).
+        results_rows: rows results.csv keeps and drops (None without a results.csv).
+        lr0_before, lr0_after, lr_scale: ``train_args.lr0`` before and after scaling.
+        save_dir_before: the target's ``train_args.save_dir`` when it names another folder (then rewritten).
+        forced: the concerns ``force`` overrode.
+        candidates: every checkpoint audited, in the order found.
+        trust: load the target with globals outside the allowlist when rewriting it.
+    """
+
+    run_dir: Path
+    target: Path
+    target_sha256: str
+    target_epoch: int
+    epochs: int | None
+    replace_best: bool
+    best_reason: str
+    results_rows: tuple[int, int] | None
+    lr0_before: float | None
+    lr0_after: float | None
+    lr_scale: float | None
+    save_dir_before: str | None
+    forced: list[str] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
+    trust: bool = False
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.run_dir / WEIGHTS_DIR
+
+    @property
+    def last(self) -> Path:
+        return self.weights_dir / "last.pt"
+
+    @property
+    def resume_epoch(self) -> int:
+        return self.target_epoch + 1
+
+    @property
+    def rewrite(self) -> bool:
+        """True when the target is loaded and saved with edits; False when its bytes are copied."""
+        return self.lr_scale is not None or self.save_dir_before is not None
+
+    @property
+    def resume_command(self) -> str:
+        return f"yolo train resume model={shlex.quote(str(self.last))}"
+
+    @property
+    def python_command(self) -> str:
+        return f"from ultralytics import YOLO; YOLO({str(self.last)!r}).train(resume=True)"
+
+    def to_dict(self) -> dict[str, Any]:
+        kept, dropped = self.results_rows if self.results_rows is not None else (None, None)
+        return {
+            "run_dir": str(self.run_dir),
+            "target": str(self.target),
+            "target_sha256": self.target_sha256,
+            "target_epoch": self.target_epoch,
+            "resume_epoch": self.resume_epoch,
+            "epochs": self.epochs,
+            "last": str(self.last),
+            "last_written_as": "rewritten" if self.rewrite else "copy",
+            "replace_best": self.replace_best,
+            "best_reason": self.best_reason,
+            "results_rows_kept": kept,
+            "results_rows_dropped": dropped,
+            "lr_scale": self.lr_scale,
+            "lr0_before": self.lr0_before,
+            "lr0_after": self.lr0_after,
+            "save_dir_before": self.save_dir_before,
+            "forced": list(self.forced),
+            "backed_up": [name for name in BACKED_UP if (self.run_dir / name).exists()],
+            "candidates": [candidate.to_dict() for candidate in self.candidates],
+            "resume_command": self.resume_command,
+            "python_command": self.python_command,
+        }
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    """What :func:`apply_rollback` did: the plan, the backup folder, the journal action id, and the SHA-256
+    of each file written (relative name → digest)."""
+
+    plan: RollbackPlan
+    backup_dir: Path
+    action_id: int
+    written: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.plan.to_dict(), "backup_dir": str(self.backup_dir), "action_id": self.action_id,
+                "written": dict(self.written)}
+
+
+@dataclass(frozen=True)
+class UndoResult:
+    """What :func:`undo_last` did: the backup restored, the files put back and the files removed (they did not
+    exist when the backup was taken), and the journal action id."""
+
+    run_dir: Path
+    backup_dir: Path
+    restored: list[str]
+    removed: list[str]
+    action_id: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_dir": str(self.run_dir), "backup_dir": str(self.backup_dir), "restored": list(self.restored),
+                "removed": list(self.removed), "action_id": self.action_id}
+
+
+# ---- planning ---------------------------------------------------------------------------------------------
+
+
+def plan_rollback(
+    run_dir: str | Path,
+    *,
+    to: str = "latest-clean",
+    lr_scale: float | None = None,
+    force: bool = False,
+    trust: bool = False,
+) -> RollbackPlan:
+    """Audit every checkpoint of an Ultralytics run folder and plan a rollback; changes nothing on disk.
+
+    Args:
+        run_dir: the run folder (the one holding ``weights/`` and ``results.csv``).
+        to: ``latest-clean`` (the newest resumable clean checkpoint), ``best`` (``weights/best.pt``),
+            ``epoch N`` / ``epochN`` (0-based, ``weights/epochN.pt``), or a checkpoint path.
+        lr_scale: multiply ``train_args.lr0`` by this factor in the written ``last.pt``.
+        force: accept a dirty, unsafe or tainted target (a stripped or final one is still refused).
+        trust: when the target must be rewritten, load it even with globals outside the allowlist.
+
+    Raises:
+        RollbackRefused: no run or weights folder, a bad ``to`` or ``lr_scale``, no resumable clean
+            checkpoint, a target that cannot be resumed, or a dirty/unsafe/tainted target without ``force``.
+    """
+    from nanguard.ckpt import find_checkpoints
+
+    run = Path(run_dir)
+    weights = run / WEIGHTS_DIR
+    if not run.is_dir():
+        raise RollbackRefused(f"{run}: no such run folder")
+    if not weights.is_dir():
+        raise RollbackRefused(f"{run}: no weights folder ({weights}); is this an Ultralytics run folder?")
+    if lr_scale is not None and not (math.isfinite(lr_scale) and lr_scale > 0):
+        raise RollbackRefused(f"--lr-scale {lr_scale}: must be a finite number above 0")
+    taints = _journal_taints(run)
+    files = [path for path in find_checkpoints(weights) if path.is_file() and path.suffix == ".pt"]
+    candidates: dict[Path, tuple[Candidate, Any]] = {path: _examine(path, taints) for path in files}
+
+    target, root = _pick(run, to, candidates, taints, force)
+    forced = [target.concern] if target.concern else []
+    assert target.epoch is not None  # _pick returns resumable candidates only
+    train_args = _train_args(root)
+    epochs = _as_int(train_args.get("epochs"))
+    lr0 = _as_float(train_args.get("lr0"))
+    if lr_scale is not None and lr0 is None:
+        raise RollbackRefused(f"{target.path}: train_args holds no numeric lr0 to scale")
+    save_dir = train_args.get("save_dir")
+    save_dir_before = str(save_dir) if save_dir and not _same_folder(Path(str(save_dir)), run) else None
+    replace_best, best_reason = _best_decision(weights / "best.pt", target, candidates)
+    return RollbackPlan(
+        run_dir=run,
+        target=target.path,
+        target_sha256=_sha256(target.path),
+        target_epoch=target.epoch,
+        epochs=epochs,
+        replace_best=replace_best,
+        best_reason=best_reason,
+        results_rows=_trim_counts(run / RESULTS_CSV, target.epoch),
+        lr0_before=lr0,
+        lr0_after=None if lr_scale is None or lr0 is None else lr0 * lr_scale,
+        lr_scale=lr_scale,
+        save_dir_before=save_dir_before,
+        forced=forced,
+        candidates=[candidate for candidate, _ in candidates.values()],
+        trust=trust,
+    )
+
+
+def _examine(path: Path, taints: dict[str, str]) -> tuple[Candidate, Any]:
+    """Audit one file without running code from it; returns the candidate and its inert root (or {})."""
+    from nanguard.ckpt import Format, audit_tree, read_checkpoint
+    from nanguard.errors import UnreadableCheckpoint
+
+    try:
+        tree = read_checkpoint(path)
+    except UnreadableCheckpoint as err:
+        return Candidate(path, "unreadable", None, f"is unreadable ({_strip_path(str(err), path)})", None), {}
+    verdict = audit_tree(tree)
+    root = tree.root if isinstance(tree.root, dict) else {}
+    epoch = verdict.epoch if isinstance(verdict.epoch, int) else None
+    train_args = _train_args(root)
+    epochs = _as_int(train_args.get("epochs"))
+    problem: str | None = None
+    if tree.format is not Format.ULTRALYTICS:
+        problem = f"is not an Ultralytics training checkpoint (format {tree.format.value})"
+    elif epoch is None:
+        problem = "records no epoch; it cannot be resumed"
+    elif epoch < 0:
+        problem = STRIPPED_REASON
+    elif root.get("optimizer") is None:
+        problem = "holds no optimizer state; it cannot be resumed"
+    elif epochs is not None and epoch + 1 >= epochs:
+        problem = (f"is from the final epoch (index {epoch} of {epochs}); Ultralytics has nothing to resume "
+                   "from it")
+    concern: str | None = None
+    code = ExitCode.OK
+    if verdict.status.value == "unsafe":
+        concern, code = "references globals outside the allowlist: " + ", ".join(verdict.unsafe_globals[:5]), (
+            ExitCode.UNSAFE)
+    elif verdict.status.value == "dirty":
+        shown = "; ".join(str(finding) for finding in verdict.findings[:3])
+        more = len(verdict.findings) - 3
+        concern, code = f"is dirty: {shown}" + (f"; … +{more} more" if more > 0 else ""), ExitCode.DIRTY
+    elif str(path.resolve()) in taints:
+        concern, code = f"is tainted in the journal ({taints[str(path.resolve())]})", ExitCode.DIRTY
+    fitness = verdict.fitness if verdict.fitness is None or math.isfinite(verdict.fitness) else None
+    return Candidate(path, verdict.status.value, epoch, problem, concern, fitness, code), root
+
+
+def _pick(
+    run: Path, to: str, candidates: dict[Path, tuple[Candidate, Any]], taints: dict[str, str], force: bool
+) -> tuple[Candidate, Any]:
+    """The target the ``to`` argument names, checked; raises :class:`RollbackRefused` when unusable."""
+    weights = run / WEIGHTS_DIR
+    spec = to.strip()
+    if spec == "latest-clean":
+        usable = [pair for pair in candidates.values() if pair[0].usable]
+        if not usable:
+            summary = "; ".join(f"{c.path.name} {c.problem or c.concern}" for c, _ in candidates.values())
+            raise RollbackRefused(f"{weights}: no resumable clean checkpoint" + (f" ({summary})" if summary else
+                                  " (no .pt files)"))
+        # Newest epoch wins; at a tie an epochN.pt file is preferred over last.pt/best.pt (it is not rewritten
+        # by a resumed run's first save).
+        return max(usable, key=lambda pair: (pair[0].epoch or 0, bool(_EPOCH_FILE.match(pair[0].path.name))))
+    match = _EPOCH_TARGET.match(spec)
+    if spec == "best":
+        path = weights / "best.pt"
+    elif match:
+        wanted = int(match.group(1))
+        path = weights / f"epoch{wanted}.pt"
+        if path not in candidates:
+            same = [p for p, (c, _) in candidates.items() if c.epoch == wanted and c.problem is None]
+            if not same:
+                have = sorted(c.epoch for c, _ in candidates.values() if c.epoch is not None and c.epoch >= 0)
+                raise RollbackRefused(f"{path}: no checkpoint of epoch {wanted} in {weights} (epochs found: "
+                                      f"{', '.join(map(str, have)) or 'none'}; save_period=1 keeps one per epoch)")
+            path = same[0]
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise RollbackRefused(f"{path}: no such checkpoint file (--to takes latest-clean, best, 'epoch N' "
+                                  "or a checkpoint path)")
+    if path not in candidates:
+        if not path.is_file():
+            raise RollbackRefused(f"{path}: no such checkpoint file")
+        candidates[path] = _examine(path, taints)
+    candidate, root = candidates[path]
+    if candidate.problem is not None:
+        raise RollbackRefused(f"{path}: {candidate.problem}")
+    if candidate.concern is not None and not force:
+        raise RollbackRefused(f"{path}: {candidate.concern}; pass --force to roll back to it anyway",
+                              candidate.concern_code)
+    return candidate, root
+
+
+def _best_decision(
+    best: Path, target: Candidate, candidates: dict[Path, tuple[Candidate, Any]]
+) -> tuple[bool, str]:
+    """Whether ``best.pt`` is replaced by the new ``last.pt``, and why (not)."""
+    if not best.exists():
+        return False, "no best.pt"
+    if _same_folder(best, target.path):
+        return False, "best.pt is the target"
+    info = candidates.get(best)
+    if info is None:
+        return False, "best.pt was not audited"
+    candidate = info[0]
+    if candidate.status != "clean" or candidate.concern is not None:
+        return True, f"best.pt {candidate.concern or 'is ' + candidate.status}"
+    if candidate.epoch is None or candidate.epoch < 0:
+        return False, "best.pt is a stripped final checkpoint (a resumed run rewrites it)"
+    if target.epoch is not None and candidate.epoch > target.epoch:
+        return True, f"best.pt is from epoch {candidate.epoch}, after the target"
+    return False, f"best.pt is clean and from epoch {candidate.epoch}, not after the target"
+
+
+def _journal_taints(run: Path) -> dict[str, str]:
+    """Resolved path → taint reason, for files whose latest ``audit --record`` row is tainted and still
+    describes the file on disk (same size and mtime). Empty without a journal."""
+    if not journal_path(run).is_file():
+        return {}
+    latest: dict[str, dict[str, Any]] = {}
+    for row in read_checkpoints(run):
+        latest[row["path"]] = row
+    taints: dict[str, str] = {}
+    for path, row in latest.items():
+        if not row["tainted"]:
+            continue
+        try:
+            stat = Path(path).stat()
+        except OSError:
+            continue
+        if row["size"] in (None, stat.st_size) and (row["mtime"] is None or abs(row["mtime"] - stat.st_mtime) < 1e-3):
+            taints[path] = row["taint_reason"] or "tainted"
+    return taints
+
+
+# ---- applying ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path, purpose: str) -> Iterator[Path]:
+    """Hold ``<run_dir>/.nanguard/lock`` (created with ``O_EXCL``, holding pid, host, time and purpose).
+
+    Raises:
+        RunLocked: the lock file exists; the message names its holder.
+    """
+    folder = Path(run_dir) / JOURNAL_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_FILE
+    try:
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise RunLocked(f"{lock}: the run is locked by {_lock_holder(lock)}; wait for it to finish, or delete "
+                        "the file if no such process is running") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": _utc_now(), "purpose": purpose},
+                      handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
+def apply_rollback(plan: RollbackPlan) -> RollbackResult:
+    """Carry out ``plan`` under the run's lock: back up, write ``last.pt`` (and ``best.pt``), trim results.csv,
+    record a ``disk_rollback`` action in the journal.
+
+    Raises:
+        RunLocked: another process holds the lock.
+        RollbackRefused: the target changed since the plan was made.
+        UnsafeCheckpoint: the target must be rewritten, has globals outside the allowlist, and ``trust`` is off.
+    """
+    run = plan.run_dir
+    with run_lock(run, "rollback"):
+        if _sha256(plan.target) != plan.target_sha256:
+            raise RollbackRefused(f"{plan.target}: changed since the rollback was planned; plan it again")
+        journal = Journal(run)  # opened before any file changes: a journal that cannot open stops it here
+        try:
+            # Load the target before last.pt (possibly the target itself) is replaced.
+            obj = _rewritten(plan) if plan.rewrite else None
+            backup = _backup(run, {"action": "disk_rollback", "target": str(plan.target),
+                                   "target_epoch": plan.target_epoch})
+            written: dict[str, str] = {}
+            last_name = f"{WEIGHTS_DIR}/last.pt"
+            if obj is not None:
+                from nanguard.ckpt import save_checkpoint
+
+                save_checkpoint(obj, plan.last)
+            elif plan.target.resolve() != plan.last.resolve():
+                _atomic_copy(plan.target, plan.last)
+            written[last_name] = _sha256(plan.last)
+            if plan.replace_best:
+                _atomic_copy(plan.last, plan.weights_dir / "best.pt")
+                written[f"{WEIGHTS_DIR}/best.pt"] = written[last_name]
+            csv_path = run / RESULTS_CSV
+            dropped = 0
+            if csv_path.is_file():
+                text, _, dropped = _trim_results(csv_path.read_bytes().decode("utf-8"), plan.target_epoch)
+                _atomic_write(csv_path, text.encode("utf-8"))
+                written[RESULTS_CSV] = _sha256(csv_path)
+            import torch
+
+            run_id = journal.start_run(policy={"command": "nanguard rollback"}, torch_version=torch.__version__)
+            action_id = journal.record_action(
+                run_id, step=plan.target_epoch, action="disk_rollback",
+                reason=f"rolled back to {plan.target.name} (epoch index {plan.target_epoch}); resumes at epoch "
+                       f"index {plan.resume_epoch}",
+                detail={
+                    "target": str(plan.target.resolve()), "target_sha256": plan.target_sha256,
+                    "target_epoch": plan.target_epoch, "resume_epoch": plan.resume_epoch,
+                    "backup": str(backup.resolve()), "written": written, "results_rows_dropped": dropped,
+                    "lr_scale": plan.lr_scale, "lr0_before": plan.lr0_before, "lr0_after": plan.lr0_after,
+                    "save_dir_before": plan.save_dir_before, "replaced_best": plan.replace_best,
+                    "forced": plan.forced,
+                },
+            )
+            journal.end_run(run_id, "finished")
+        finally:
+            journal.close()
+    return RollbackResult(plan, backup, action_id, written)
+
+
+def _rewritten(plan: RollbackPlan) -> Any:
+    """The target loaded with its real classes (allowlist, or ``plan.trust``), ``lr0`` scaled and
+    ``save_dir`` set to this run folder."""
+    from nanguard.ckpt import load_checkpoint
+
+    obj = load_checkpoint(plan.target, trust=plan.trust)
+    args = obj.get("train_args") if isinstance(obj, dict) else None
+    if not isinstance(args, dict):
+        raise RollbackRefused(f"{plan.target}: holds no train_args dict to edit")
+    if plan.lr_scale is not None:
+        args["lr0"] = float(args["lr0"]) * plan.lr_scale
+    if plan.save_dir_before is not None:
+        args["save_dir"] = str(plan.run_dir.resolve())
+    return obj
+
+
+def _backup(run: Path, about: dict[str, Any]) -> Path:
+    """Copy every file of :data:`BACKED_UP` that exists into a new ``.nanguard/backups/<UTC time>/`` and write
+    its manifest (the manifest comes last: a folder without one is an interrupted backup and never restored)."""
+    root = run / JOURNAL_DIR / BACKUPS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    folder = root / stamp
+    folder.mkdir()
+    files: dict[str, dict[str, Any]] = {}
+    for name in BACKED_UP:
+        source = run / name
+        if source.is_file():
+            copy = folder / name
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, copy)
+            _fsync_file(copy)
+            files[name] = {"existed": True, "sha256": _sha256(copy), "size": copy.stat().st_size}
+        else:
+            files[name] = {"existed": False}
+    manifest = {"created": _utc_now(), **about, "files": files, "undone_at": None}
+    _atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+    return folder
+
+
+def undo_last(run_dir: str | Path) -> UndoResult:
+    """Restore the newest backup not yet undone, byte for byte, under the run's lock; record it; mark it used.
+
+    A file the backup says did not exist is removed.
+
+    Raises:
+        RollbackRefused: no run folder, no backup left to undo, or a backup file that no longer matches its
+            recorded SHA-256.
+        RunLocked: another process holds the lock.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise RollbackRefused(f"{run}: no such run folder")
+    with run_lock(run, "undo"):
+        folder, manifest = _newest_backup(run)
+        files: dict[str, dict[str, Any]] = manifest["files"]
+        for name, info in files.items():
+            if info.get("existed") and _sha256(folder / name) != info.get("sha256"):
+                raise RollbackRefused(f"{folder / name}: backup copy does not match its recorded SHA-256; "
+                                      "nothing restored")
+        journal = Journal(run)
+        try:
+            restored: list[str] = []
+            removed: list[str] = []
+            for name, info in files.items():
+                target = run / name
+                if info.get("existed"):
+                    _atomic_copy(folder / name, target)
+                    restored.append(name)
+                elif target.exists():
+                    target.unlink()
+                    removed.append(name)
+            import torch
+
+            run_id = journal.start_run(policy={"command": "nanguard undo"}, torch_version=torch.__version__)
+            action_id = journal.record_action(
+                run_id, step=-1, action="disk_undo", reason=f"restored backup {folder.name}",
+                detail={"backup": str(folder.resolve()), "restored": restored, "removed": removed,
+                        "undid": manifest.get("action")},
+            )
+            journal.end_run(run_id, "finished")
+            manifest["undone_at"] = _utc_now()
+            _atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+        finally:
+            journal.close()
+    return UndoResult(run, folder, restored, removed, action_id)
+
+
+def _newest_backup(run: Path) -> tuple[Path, dict[str, Any]]:
+    root = run / JOURNAL_DIR / BACKUPS_DIR
+    folders = sorted((p for p in root.iterdir() if p.is_dir()), reverse=True) if root.is_dir() else []
+    for folder in folders:
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # an interrupted backup: no manifest
+        if not manifest.get("undone_at"):
+            return folder, manifest
+    raise RollbackRefused(f"{root}: no backup left to undo")
+
+
+# ---- results.csv ------------------------------------------------------------------------------------------
+
+
+def _trim_results(text: str, target_epoch: int) -> tuple[str, int, int]:
+    """results.csv text keeping the header and the rows of epochs ``1 … target_epoch + 1`` (1-based column);
+    where an epoch repeats (an earlier resume), only its last row is kept. Returns (text, kept, dropped).
+
+    Lines are kept byte for byte (line endings, 8.3.0's padded columns); a row whose epoch cannot be read is
+    kept.
+    """
+    lines = text.splitlines(keepends=True)
+    if not lines:
+        return text, 0, 0
+    header = [name.strip() for name in next(csv.reader([lines[0]]))]
+    if "epoch" not in header:
+        return text, len(lines) - 1, 0
+    column = header.index("epoch")
+    last_of: dict[int, int] = {}
+    epochs: list[int | None] = []
+    for index, line in enumerate(lines[1:]):
+        cells = next(csv.reader([line]), [])
+        value = _as_int(_number(cells[column])) if len(cells) > column else None
+        epochs.append(value)
+        if value is not None:
+            last_of[value] = index
+    keep = [lines[0]]
+    dropped = 0
+    for index, (line, value) in enumerate(zip(lines[1:], epochs, strict=True)):
+        if not line.strip() or value is None or (value <= target_epoch + 1 and last_of[value] == index):
+            keep.append(line)
+        else:
+            dropped += 1
+    return "".join(keep), sum(1 for line in keep[1:] if line.strip()), dropped
+
+
+def _trim_counts(path: Path, target_epoch: int) -> tuple[int, int] | None:
+    if not path.is_file():
+        return None
+    _, kept, dropped = _trim_results(path.read_bytes().decode("utf-8"), target_epoch)
+    return kept, dropped
+
+
+# ---- small helpers ----------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def _atomic_copy(source: Path, path: Path) -> None:
+    """Copy ``source`` over ``path`` (bytes, mode and mtime) through a temp file in ``path``'s folder."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        shutil.copy2(source, tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name == "nt":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _lock_holder(lock: Path) -> str:
+    try:
+        info = json.loads(lock.read_text(encoding="utf-8"))
+        return f"pid {info.get('pid')} on {info.get('host')} since {info.get('time')} ({info.get('purpose')})"
+    except (OSError, ValueError, AttributeError):
+        return "another process"
+
+
+def _utc_now() -> str:
+    return dt.datetime.fromtimestamp(time.time(), dt.UTC).isoformat(timespec="seconds")
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _strip_path(message: str, path: Path) -> str:
+    return " ".join(message.removeprefix(f"{path}: ").splitlines())
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.strip())
+    except ValueError:
+        return None
+
+
+def _train_args(root: Any) -> dict[str, Any]:
+    args = root.get("train_args") if isinstance(root, dict) else None
+    return args if isinstance(args, dict) else {}
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _as_int(value: Any) -> int | None:
+    number = _as_float(value)
+    if number is None or not math.isfinite(number) or not number.is_integer():
+        return None
+    return int(number)
