@@ -8,32 +8,19 @@ and all of them are on the allowlist (or the caller passed ``trust=True``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nanguard.atomic import atomic_replace
 from nanguard.ckpt.base import Format, is_allowed_global
 from nanguard.ckpt.folders import HF_STATE, is_hf_weights
 from nanguard.ckpt.formats import read_checkpoint
 from nanguard.errors import UnreadableCheckpoint, UnsafeCheckpoint
 
 logger = logging.getLogger(__name__)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename is durable only once the directory entry is; Windows cannot open a directory for fsync.
-    if os.name == "nt":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(obj: Any, path: str | Path) -> Path:
@@ -47,30 +34,14 @@ def save_checkpoint(obj: Any, path: str | Path) -> Path:
         The path written.
     """
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        # mkstemp creates 0600; keep the mode of the file being replaced, else the usual 0644.
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+    with atomic_replace(path) as tmp:
         if path.suffix == ".safetensors":
-            os.close(fd)
             from safetensors.torch import save_file  # optional dependency, only for this suffix
 
             save_file(obj, str(tmp))
-            with tmp.open("rb+") as f:
-                os.fsync(f.fileno())
         else:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(folder)
+            with tmp.open("wb") as handle:
+                torch.save(obj, handle)
     logger.debug("saved checkpoint %s", path)
     return path
 

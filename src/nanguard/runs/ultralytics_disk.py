@@ -35,15 +35,14 @@ import math
 import os
 import re
 import shlex
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanguard.atomic import atomic_copy, atomic_write_bytes
 from nanguard.errors import ExitCode, NanguardError
 from nanguard.journal import JOURNAL_DIR, Journal, journal_path, read_checkpoints
 
@@ -486,16 +485,16 @@ def apply_rollback(plan: RollbackPlan) -> RollbackResult:
 
                 save_checkpoint(obj, plan.last)
             elif plan.target.resolve() != plan.last.resolve():
-                _atomic_copy(plan.target, plan.last)
+                atomic_copy(plan.target, plan.last)
             written[last_name] = _sha256(plan.last)
             if plan.replace_best:
-                _atomic_copy(plan.last, plan.weights_dir / "best.pt")
+                atomic_copy(plan.last, plan.weights_dir / "best.pt")
                 written[f"{WEIGHTS_DIR}/best.pt"] = written[last_name]
             csv_path = run / RESULTS_CSV
             dropped = 0
             if csv_path.is_file():
                 text, _, dropped = _trim_results(csv_path.read_bytes().decode("utf-8"), plan.target_epoch)
-                _atomic_write(csv_path, text.encode("utf-8"))
+                atomic_write_bytes(csv_path, text.encode("utf-8"))
                 written[RESULTS_CSV] = _sha256(csv_path)
             import torch
 
@@ -549,13 +548,12 @@ def _backup(run: Path, about: dict[str, Any]) -> Path:
         if source.is_file():
             copy = folder / name
             copy.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, copy)
-            _fsync_file(copy)
+            atomic_copy(source, copy)
             files[name] = {"existed": True, "sha256": _sha256(copy), "size": copy.stat().st_size}
         else:
             files[name] = {"existed": False}
     manifest = {"created": _utc_now(), **about, "files": files, "undone_at": None}
-    _atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
     return folder
 
 
@@ -586,7 +584,7 @@ def undo_last(run_dir: str | Path) -> UndoResult:
             for name, info in files.items():
                 target = run / name
                 if info.get("existed"):
-                    _atomic_copy(folder / name, target)
+                    atomic_copy(folder / name, target)
                     restored.append(name)
                 elif target.exists():
                     target.unlink()
@@ -601,7 +599,7 @@ def undo_last(run_dir: str | Path) -> UndoResult:
             )
             journal.end_run(run_id, "finished")
             manifest["undone_at"] = _utc_now()
-            _atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+            atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
         finally:
             journal.close()
     return UndoResult(run, folder, restored, removed, action_id)
@@ -663,54 +661,6 @@ def _trim_counts(path: Path, target_epoch: int) -> tuple[int, int] | None:
 
 
 # ---- small helpers ----------------------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def _atomic_copy(source: Path, path: Path) -> None:
-    """Copy ``source`` over ``path`` (bytes, mode and mtime) through a temp file in ``path``'s folder."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        shutil.copy2(source, tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name == "nt":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
