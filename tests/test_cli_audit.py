@@ -177,7 +177,9 @@ def test_record_stores_verdicts_and_marks_checkpoints_after_a_nonfinite_incident
     os.utime(before, (time.time() - 100, time.time() - 100))
     journal = Journal(run_dir)
     run_id = journal.start_run(policy={})
-    journal.record_incident(run_id, IncidentRecord(kind="nonfinite_loss", step=7, action="skip", loss=float("nan")))
+    # A skipped step never reached the state: it taints nothing. One that was not (here the run stopped) does.
+    journal.record_incident(run_id, IncidentRecord(kind="nonfinite_grad", step=5, action="skip", loss=1.0))
+    journal.record_incident(run_id, IncidentRecord(kind="nonfinite_loss", step=7, action="stop", loss=float("nan")))
     journal.close()
     after = _clean(weights, "epoch1.pt")
     os.utime(after, (time.time() + 100, time.time() + 100))
@@ -192,7 +194,7 @@ def test_record_stores_verdicts_and_marks_checkpoints_after_a_nonfinite_incident
     ]
     assert all(len(row["sha256"]) == 64 and row["size"] == before.stat().st_size for row in rows)
     assert rows[1]["sha256"] == hashlib.sha256(after.read_bytes()).hexdigest() and rows[1]["parent_path"] is None
-    assert "nonfinite_loss" in rows[1]["taint_reason"]
+    assert "nonfinite_loss" in rows[1]["taint_reason"] and "nonfinite_grad" not in rows[1]["taint_reason"]
 
 
 def test_record_creates_the_journal_and_stores_findings(tmp_path: Path) -> None:

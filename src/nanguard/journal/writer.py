@@ -128,8 +128,11 @@ class Journal:
     def _taint_reason(self, record: CheckpointRecord) -> str | None:
         try:
             if record.mtime is not None:
+                # An incident whose update was skipped never reached the state, and one that was rolled
+                # back was undone: neither taints what is written later. Any other non-finite incident does.
                 incident = self._db.execute(
-                    "SELECT id, kind, step FROM incidents WHERE kind LIKE ? AND wall_time < ? ORDER BY id LIMIT 1",
+                    "SELECT id, kind, step FROM incidents WHERE kind LIKE ? AND wall_time < ? AND rolled_back = 0"
+                    " AND action NOT IN ('skip', 'scaler_skip') ORDER BY id LIMIT 1",
                     (NONFINITE_KIND_PREFIX + "%", record.mtime),
                 ).fetchone()
                 if incident is not None:

@@ -1,0 +1,388 @@
+"""nanguard.integrations.ultralytics puts the guard inside a real Ultralytics YOLO training, any task.
+
+    from ultralytics import YOLO
+    from nanguard.integrations.ultralytics import guard
+
+    model = YOLO("yolo11n.yaml")
+    guarded = guard(model)                  # before model.train(...)
+    model.train(data="data.yaml", epochs=100)
+    print(guarded.guard.report())
+
+What it does, all through ``yolo.add_callback`` and two instance overrides on the trainer:
+
+- at ``on_pretrain_routine_end`` (optimizer, scaler, EMA, scheduler exist) it builds a :class:`nanguard.Guard`
+  on the unwrapped model, the trainer's optimizer, its GradScaler when enabled and its ``ModelEMA``, with the
+  journal in the run's ``save_dir``, and replaces ``trainer.optimizer_step``: the guard unscales, checks the
+  loss and gradients, clips (at 10.0 unless the policy says otherwise, Ultralytics' fixed value), applies or
+  skips the update, updates the EMA only after an applied update, and zeroes the gradients — everything
+  Ultralytics' own ``optimizer_step`` did, with the check before the update. The scheduler stays
+  Ultralytics' (stepped per epoch); the guard's LR back-off scales the optimizer's param-group LRs around
+  each step only, so warmup and the scheduler keep writing their own values;
+- it records every step with the epoch, the batch index within the epoch (counted at
+  ``on_train_batch_start``, reset at ``on_train_epoch_start``) and the image files of the batches since the
+  previous step (read from the batch dict as ``trainer.preprocess_batch`` receives it; ``None`` for tasks
+  whose batches carry no ``im_file``, e.g. classification);
+- at ``on_train_epoch_end``, before validation and saving, it scans weights, EMA and optimizer state and
+  rolls back in process to the newest clean snapshot when they are contaminated;
+- it takes over Ultralytics' own epoch-level NaN recovery (``_handle_nan_recovery``, 8.3.213 on), which would
+  reload ``last.pt`` and replace ``trainer.ema`` behind the guard's back: the guard's state check decides;
+- at ``on_model_save`` (and once more at ``on_train_end``, after ``strip_optimizer`` rewrote ``last.pt`` and
+  ``best.pt``) it audits every checkpoint file written since the last look. A clean ``last.pt``/``best.pt`` is
+  pinned to ``<save_dir>/.nanguard/pinned/``; a dirty, scrubbed, unsafe or unreadable one is replaced by its
+  pinned clean copy (atomically) and the journal says so; a bad ``epochN.pt`` is moved to
+  ``<save_dir>/.nanguard/quarantine/``. Every verdict goes to the journal's ``checkpoints`` table;
+- it closes the guard at ``on_train_end`` (``finished``) or ``teardown`` (``crashed`` when training did not
+  reach its end).
+
+Version gates (Ultralytics 8.3.0 on; tests run the pinned newest):
+
+- ``trainer.loss`` is the summed loss in 8.4.x, and a per-component vector in some 8.3.x criteria: summed
+  here when it has more than one element;
+- ``loss_items``/``tloss`` became dicts in 8.4.101–8.4.120 (tensors before): not read here;
+- ``_handle_nan_recovery`` exists from 8.3.213: overridden only when present;
+- ``unwrap_model`` is newer than 8.3.0 (``de_parallel`` there): whichever exists is used;
+- ``teardown`` is registered where the trainer fires it (8.4.x); ``on_train_end`` closes the guard anyway;
+- 8.4.35–8.4.83 skip writing ``last.pt`` when the EMA is non-finite: an unchanged file is not re-audited;
+- from 8.4.70 the saved EMA is scrubbed (NaN → 0): the audit reports the marks of scrubbing as dirty;
+- ``trainer.stop`` is honoured per batch only from 8.4.x; the guard does not rely on it (a stop decision
+  raises :class:`nanguard.TrainingStopped` from the optimizer step);
+- DDP: 8.3.253 and 8.4.100 do not pass custom callbacks to DDP workers, so the guard is not attached there;
+  multi-GPU training is not supported by this integration (a warning is logged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from nanguard.atomic import atomic_copy
+from nanguard.ckpt import Status, Verdict, audit
+from nanguard.guard import Guard, StepResult
+from nanguard.journal import CheckpointRecord, file_digest
+from nanguard.policy import Policy
+
+if TYPE_CHECKING:
+    from ultralytics import YOLO
+
+log = logging.getLogger(__name__)
+
+MIN_VERSION = (8, 3, 0)
+"""The oldest Ultralytics release this integration supports."""
+NAN_RECOVERY_SINCE = (8, 3, 213)
+"""First release with the epoch-level ``_handle_nan_recovery`` that the guard takes over."""
+ULTRALYTICS_CLIP_NORM = 10.0
+"""Ultralytics' hard-coded ``clip_grad_norm_`` limit, the default ``max_grad_norm`` here."""
+
+PINNED_DIR = Path(".nanguard") / "pinned"
+QUARANTINE_DIR = Path(".nanguard") / "quarantine"
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """``"8.4.190"`` → ``(8, 4, 190)``; suffixes (``.dev0``, ``rc1``) and missing parts count as 0."""
+    parts: list[int] = []
+    for piece in text.split(".")[:3]:
+        digits = ""
+        for char in piece:
+            if not char.isdigit():
+                break
+            digits += char
+        parts.append(int(digits) if digits else 0)
+    while len(parts) < 3:
+        parts.append(0)
+    return parts[0], parts[1], parts[2]
+
+
+def ultralytics_version() -> tuple[int, int, int]:
+    """The installed Ultralytics version; raises ``RuntimeError`` when it is older than :data:`MIN_VERSION`."""
+    import ultralytics
+
+    version = parse_version(str(ultralytics.__version__))
+    if version < MIN_VERSION:
+        oldest = ".".join(map(str, MIN_VERSION))
+        raise RuntimeError(f"nanguard supports Ultralytics {oldest} and newer, found {ultralytics.__version__}")
+    return version
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model under DDP/DataParallel/``torch.compile`` wrappers (Ultralytics' own helper when present)."""
+    import ultralytics.utils.torch_utils as torch_utils
+
+    # unwrap_model in newer releases, de_parallel in 8.3.0
+    unwrap: Any = getattr(torch_utils, "unwrap_model", None) or getattr(torch_utils, "de_parallel", None)
+    if unwrap is not None:
+        unwrapped = unwrap(model)
+        if isinstance(unwrapped, nn.Module):
+            model = unwrapped
+    inner = getattr(model, "module", None)
+    while isinstance(inner, nn.Module):
+        model, inner = inner, getattr(inner, "module", None)
+    orig = getattr(model, "_orig_mod", None)
+    return orig if isinstance(orig, nn.Module) else model
+
+
+def guard(yolo: YOLO, *, policy: Policy | None = None) -> UltralyticsGuard:
+    """Attach nanguard to the next trainings of ``yolo`` (call it before ``yolo.train``).
+
+    Args:
+        yolo: an ``ultralytics.YOLO`` (or any ``ultralytics.engine.model.Model``), any task.
+        policy: the guard's policy; ``None`` takes the project's policy (``nanguard.toml`` or
+            ``[tool.nanguard]`` in the current folder, else the defaults) with ``max_grad_norm`` set to
+            Ultralytics' 10.0 when it leaves clipping unset.
+    """
+    guarded = UltralyticsGuard(policy=policy)
+    guarded.attach(yolo)
+    return guarded
+
+
+class UltralyticsGuard:
+    """The callbacks that run a :class:`~nanguard.Guard` inside an Ultralytics trainer.
+
+    Attributes:
+        guard: the guard of the current (or last) training; ``None`` before ``on_pretrain_routine_end``.
+        trainer: that training's trainer.
+        version: the Ultralytics version, parsed.
+        results: the :class:`~nanguard.guard.StepResult` of every optimizer step of the current training.
+        verdicts: every checkpoint audit made, in order.
+    """
+
+    def __init__(self, *, policy: Policy | None = None) -> None:
+        self.version = ultralytics_version()
+        self.policy = policy
+        self.guard: Guard | None = None
+        self.trainer: Any = None
+        self.results: list[StepResult] = []
+        self.verdicts: list[Verdict] = []
+        self._batch_index = -1
+        self._pending_files: list[str] = []
+        self._audited: dict[str, str] = {}
+        self._finished = False
+
+    # ------------------------------------------------------------------ wiring
+    def callbacks(self) -> dict[str, Callable[[Any], None]]:
+        """Event name → callback, as registered by :meth:`attach`."""
+        return {
+            "on_pretrain_routine_end": self.on_pretrain_routine_end,
+            "on_train_epoch_start": self.on_train_epoch_start,
+            "on_train_batch_start": self.on_train_batch_start,
+            "on_train_epoch_end": self.on_train_epoch_end,
+            "on_model_save": self.on_model_save,
+            "on_train_end": self.on_train_end,
+            "teardown": self.teardown,
+        }
+
+    def attach(self, yolo: Any) -> None:
+        for event, callback in self.callbacks().items():
+            yolo.add_callback(event, callback)
+
+    def _resolve_policy(self) -> Policy:
+        if self.policy is not None:
+            return self.policy
+        policy = Policy.discover(Path.cwd())
+        if policy.max_grad_norm is None:
+            policy = dataclasses.replace(policy, max_grad_norm=ULTRALYTICS_CLIP_NORM)
+        return policy
+
+    def on_pretrain_routine_end(self, trainer: Any) -> None:
+        """Build the guard and take over the trainer's optimizer step (and NaN recovery, where present)."""
+        if self.guard is not None:
+            self.guard.close("finished" if self._finished else "crashed")  # a previous training of this model
+        self.trainer = trainer
+        self.results, self.verdicts = [], []
+        self._batch_index, self._pending_files, self._audited, self._finished = -1, [], {}, False
+        if getattr(trainer, "world_size", 1) > 1:
+            log.warning("nanguard: multi-GPU (DDP) Ultralytics training is not supported; guarding this rank only")
+        scaler = getattr(trainer, "scaler", None)
+        if scaler is not None and not scaler.is_enabled():
+            scaler = None
+        self.guard = Guard(
+            unwrap_model(trainer.model), trainer.optimizer, run_dir=trainer.save_dir, policy=self._resolve_policy(),
+            scaler=scaler, ema=getattr(trainer, "ema", None) or None,
+        )
+        trainer.optimizer_step = self.optimizer_step
+        original_preprocess = trainer.preprocess_batch
+
+        def preprocess_batch(batch: Any) -> Any:
+            files = batch.get("im_file") if isinstance(batch, dict) else None
+            if files is not None:
+                self._pending_files.extend(str(f) for f in files)
+            return original_preprocess(batch)
+
+        trainer.preprocess_batch = preprocess_batch
+        if hasattr(trainer, "_handle_nan_recovery"):  # 8.3.213 on
+            trainer._handle_nan_recovery = self.handle_nan_recovery
+
+    def on_train_epoch_start(self, trainer: Any) -> None:
+        self._batch_index = -1
+        self._pending_files = []
+
+    def on_train_batch_start(self, trainer: Any) -> None:
+        self._batch_index += 1
+
+    # ------------------------------------------------------------------ the step
+    def optimizer_step(self) -> None:
+        """Replaces ``trainer.optimizer_step``: the guard checks, clips, applies or skips, updates the EMA and
+        zeroes the gradients. Ultralytics calls it once every ``accumulate`` batches; the step is recorded
+        at the last of them, with the image files of all of them."""
+        guard, trainer = self._require_guard(), self.trainer
+        loss = trainer.loss.detach()
+        if loss.numel() != 1:
+            loss = loss.sum()
+        files, self._pending_files = self._pending_files, []
+        result = guard.step(loss, epoch=int(trainer.epoch), batch_index=max(self._batch_index, 0),
+                            sample_ids=files or None)
+        self.results.append(result)
+
+    def on_train_epoch_end(self, trainer: Any) -> None:
+        """Before validation and saving: contaminated state (a NaN weight, EMA or optimizer moment that no
+        step has shown yet) is rolled back now, so the epoch's checkpoint is written from clean state."""
+        guard = self._require_guard()
+        if guard.scan_state():
+            guard.check_state(max(guard.step_count - 1, 0))
+
+    def handle_nan_recovery(self, epoch: int) -> bool:
+        """Replaces Ultralytics' epoch-level recovery (reload ``last.pt``): the guard already skipped bad
+        steps and rolled back bad state, so a NaN last-batch loss or fitness no longer means bad weights.
+        Returns False (no epoch re-run); contaminated state is rolled back by the guard."""
+        guard, trainer = self._require_guard(), self.trainer
+        loss = getattr(trainer, "loss", None)
+        loss_nan = isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all())
+        fitness = getattr(trainer, "fitness", None)
+        fitness_nan = fitness is not None and not math.isfinite(float(fitness))
+        clean = not guard.scan_state() or guard.check_state(max(guard.step_count - 1, 0))
+        if loss_nan or fitness_nan:
+            guard.journal.record_action(
+                guard.run_id, step=guard.step_count, action="ultralytics_recovery_replaced",
+                reason="non-finite " + " and ".join(n for n, bad in (("loss", loss_nan), ("fitness", fitness_nan))
+                                                    if bad),
+                detail={"epoch": int(epoch), "state_clean": bool(clean)},
+            )
+        return False
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_model_save(self, trainer: Any) -> None:
+        self.guard_checkpoints()
+
+    def guard_checkpoints(self) -> list[Verdict]:
+        """Audit ``last.pt``, ``best.pt`` and this epoch's ``epochN.pt`` when written since the last look;
+        pin clean ``last``/``best``, put the pinned copy back over a bad one, quarantine a bad ``epochN``."""
+        trainer = self.trainer
+        wdir = Path(trainer.wdir)
+        candidates: list[tuple[str | None, Path]] = [("last", Path(trainer.last)), ("best", Path(trainer.best))]
+        if isinstance(getattr(trainer, "epoch", None), int) and trainer.epoch >= 0:
+            candidates.append((None, wdir / f"epoch{trainer.epoch}.pt"))
+        verdicts = []
+        for role, path in candidates:
+            verdict = self._audit_if_new(path)
+            if verdict is None:
+                continue
+            verdicts.append(verdict)
+            if verdict.status is Status.CLEAN:
+                if role is not None:
+                    _copy_into(path, self._pinned(role))
+            elif role is not None:
+                self._put_back(role, path, verdict)
+            else:
+                self._quarantine(path, verdict)
+        return verdicts
+
+    def _audit_if_new(self, path: Path) -> Verdict | None:
+        if not path.is_file():
+            return None
+        digest = file_digest(path)
+        if digest is not None and self._audited.get(str(path)) == digest[0]:
+            return None  # unchanged since its last audit (not rewritten this epoch)
+        verdict = audit(path)
+        self.verdicts.append(verdict)
+        self._record_verdict(path, verdict, digest)
+        if digest is not None:
+            self._audited[str(path)] = digest[0]
+        if verdict.status is not Status.CLEAN:
+            log.warning("nanguard: %s is %s after Ultralytics wrote it", path, verdict.status.value)
+        return verdict
+
+    def _record_verdict(self, path: Path, verdict: Verdict, digest: tuple[str, int, float] | None) -> None:
+        sha256, size, mtime = digest if digest is not None else (None, None, None)
+        findings = [
+            {"location": f.location, "kind": f.kind.value, "count": f.count, "first_index": list(f.first_index),
+             "area": f.area.value, "numel": f.numel}
+            for f in verdict.findings
+        ]
+        if verdict.error is not None:
+            findings.append({"error": verdict.error})
+        self._require_guard().journal.record_checkpoint(CheckpointRecord(
+            path=str(path.resolve()), status=verdict.status.value, sha256=sha256, size=size,
+            format=None if verdict.format is None else verdict.format.value,
+            epoch=None if verdict.epoch is None else float(verdict.epoch), step=verdict.step,
+            findings=findings, mtime=mtime,
+        ))
+
+    def _pinned(self, role: str) -> Path:
+        return Path(self.trainer.save_dir) / PINNED_DIR / f"{role}.pt"
+
+    def _put_back(self, role: str, path: Path, verdict: Verdict) -> None:
+        guard = self._require_guard()
+        pinned = self._pinned(role)
+        detail: dict[str, Any] = {"path": str(path), "status": verdict.status.value,
+                                  "findings": len(verdict.findings), "epoch": verdict.epoch}
+        if not pinned.is_file():
+            guard.journal.record_action(
+                guard.run_id, step=guard.step_count, action="checkpoint_not_replaced",
+                reason=f"{path.name} is {verdict.status.value} and no clean copy is pinned yet", detail=detail)
+            return
+        atomic_copy(pinned, path)
+        digest = file_digest(path)
+        if digest is not None:
+            self._audited[str(path)] = digest[0]
+            detail["restored_sha256"] = digest[0]
+        detail["restored_from"] = str(pinned)
+        guard.journal.record_action(
+            guard.run_id, step=guard.step_count, action="checkpoint_replaced",
+            reason=f"{path.name} was {verdict.status.value}; put back the pinned clean copy", detail=detail)
+        log.warning("nanguard: replaced %s (%s) with the pinned clean copy", path, verdict.status.value)
+
+    def _quarantine(self, path: Path, verdict: Verdict) -> None:
+        guard = self._require_guard()
+        target = Path(self.trainer.save_dir) / QUARANTINE_DIR / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        self._audited.pop(str(path), None)
+        guard.journal.record_action(
+            guard.run_id, step=guard.step_count, action="checkpoint_quarantined",
+            reason=f"{path.name} was {verdict.status.value}",
+            detail={"path": str(path), "moved_to": str(target), "status": verdict.status.value,
+                    "findings": len(verdict.findings), "epoch": verdict.epoch})
+
+    # ------------------------------------------------------------------ end
+    def on_train_end(self, trainer: Any) -> None:
+        """After ``final_eval`` stripped ``last.pt``/``best.pt``: audit them once more, then close the guard."""
+        if self.guard is None:
+            return
+        self.guard_checkpoints()
+        self._finished = True
+        self.guard.close("finished")
+
+    def teardown(self, trainer: Any) -> None:
+        if self.guard is not None:
+            self.guard.close("finished" if self._finished else "crashed")
+
+    def _require_guard(self) -> Guard:
+        if self.guard is None:
+            raise RuntimeError("nanguard: the guard is built at on_pretrain_routine_end; the trainer has not got there")
+        return self.guard
+
+
+def _copy_into(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` atomically, creating ``dst``'s folder (the copy keeps the original's mtime)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    atomic_copy(src, dst)
+
+
+__all__ = ["UltralyticsGuard", "guard", "parse_version", "ultralytics_version", "unwrap_model"]
