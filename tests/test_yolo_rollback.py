@@ -20,7 +20,7 @@ from nanguard.cli import app
 from nanguard.errors import ExitCode
 from nanguard.journal import read_actions
 from nanguard.runs import RollbackRefused, RunLocked, plan_rollback, run_lock
-from nanguard.runs.ultralytics_disk import _trim_results
+from nanguard.runs.results_csv import trim_results
 from tests.conftest import copy_tree
 
 runner = CliRunner()
@@ -191,11 +191,11 @@ def test_missing_weights_folder_and_epoch_are_refused(tmp_path: Path, run: Path)
 
 def test_trim_results_keeps_rows_through_the_target_and_the_last_of_repeats() -> None:
     text = "epoch,time,x\r\n1,0.1,a\r\n2,0.2,b\r\n3,0.3,c\r\n2,0.1,B\r\n3,0.2,C\r\n4,0.3,D\r\n"
-    trimmed, kept, dropped = _trim_results(text, 1)  # epoch index 1 -> rows 1 and 2 (1-based)
+    trimmed, kept, dropped = trim_results(text, 1)  # epoch index 1 -> rows 1 and 2 (1-based)
     assert trimmed == "epoch,time,x\r\n1,0.1,a\r\n2,0.1,B\r\n"
     assert (kept, dropped) == (2, 4)
     padded = "                  epoch,      x\n                      1,      a\n                      2,      b\n"
-    assert _trim_results(padded, 0) == ("                  epoch,      x\n                      1,      a\n", 1, 1)
+    assert trim_results(padded, 0) == ("                  epoch,      x\n                      1,      a\n", 1, 1)
 
 
 def test_tainted_target_needs_force(run: Path) -> None:
@@ -206,7 +206,7 @@ def test_tainted_target_needs_force(run: Path) -> None:
 
     journal = Journal(run)
     run_id = journal.start_run(policy={})
-    journal.record_incident(run_id, IncidentRecord(kind="nonfinite_loss", step=9, action="skip"))
+    journal.record_incident(run_id, IncidentRecord(kind="nonfinite_loss", step=9, action="stop"))
     journal.close()
     epoch1 = run / "weights" / "epoch1.pt"
     later = time.time() + 5

@@ -5,23 +5,20 @@
     result = apply_rollback(plan)       # backs up, rewrites last.pt, trims results.csv, records it
     undo_last("runs/detect/train")      # puts the backed-up files back, byte for byte
 
-Only Ultralytics runs are supported (:mod:`nanguard.runs.ultralytics_disk`).
+Only Ultralytics runs are supported. The package is split by role: :mod:`~nanguard.runs.ultralytics_disk`
+plans and applies a rollback, :mod:`~nanguard.runs.candidates` audits each checkpoint for it,
+:mod:`~nanguard.runs.backups` takes backups and undoes them, :mod:`~nanguard.runs.lock` holds the run lock,
+:mod:`~nanguard.runs.results_csv` trims results.csv, and :mod:`~nanguard.runs.base` holds the shared names
+and :class:`RollbackRefused`.
 """
 
 from __future__ import annotations
 
-from nanguard.runs.ultralytics_disk import (
-    Candidate,
-    RollbackPlan,
-    RollbackRefused,
-    RollbackResult,
-    RunLocked,
-    UndoResult,
-    apply_rollback,
-    plan_rollback,
-    run_lock,
-    undo_last,
-)
+from nanguard.runs.backups import UndoResult, undo_last
+from nanguard.runs.base import RollbackRefused
+from nanguard.runs.candidates import Candidate
+from nanguard.runs.lock import RunLocked, run_lock
+from nanguard.runs.ultralytics_disk import RollbackPlan, RollbackResult, apply_rollback, plan_rollback
 
 __all__ = [
     "Candidate",

@@ -1,4 +1,5 @@
-"""ultralytics_disk.py rolls an Ultralytics training run back on disk, the procedure users otherwise do by hand.
+"""ultralytics_disk.py plans and applies the rollback of an Ultralytics training run on disk, the procedure
+users otherwise do by hand.
 
 A run folder (``runs/detect/train``) holds ``weights/last.pt``, ``best.pt``, ``epochN.pt`` (with
 ``save_period``) and ``results.csv``. Rolling back means: pick a checkpoint that still carries optimizer state
@@ -9,11 +10,13 @@ epoch after it, and drop the results.csv rows of the epochs that are undone.
   and explains what would change. It refuses (a :class:`RollbackRefused`, one line naming the file and the
   reason) a stripped checkpoint (``epoch == -1``), one without optimizer state, the final epoch's checkpoint,
   and, unless ``force``, a dirty, unsafe or journal-tainted one.
-- :func:`apply_rollback` takes the run's lock (``.nanguard/lock``, created with ``O_EXCL``; a held lock raises
-  :class:`RunLocked`, exit code ``LOCKED``), copies ``last.pt``, ``best.pt`` and ``results.csv`` into
-  ``.nanguard/backups/<UTC time>/`` first, then writes each file atomically (temp file + rename), records a
-  ``disk_rollback`` action in the journal and releases the lock.
-- :func:`undo_last` restores the newest unused backup byte for byte and marks it used.
+- :func:`apply_rollback` takes the run's lock (:mod:`~nanguard.runs.lock`; a held lock raises
+  :class:`~nanguard.runs.lock.RunLocked`), backs up ``last.pt``, ``best.pt`` and ``results.csv``
+  (:func:`~nanguard.runs.backups.take_backup`) first, then writes each file atomically (temp file + rename),
+  records a ``disk_rollback`` action in the journal and releases the lock.
+
+It does not audit a single checkpoint (:mod:`~nanguard.runs.candidates`), own the lock, the backups or undoing
+them (:mod:`~nanguard.runs.backups`), nor the results.csv trimming rules (:mod:`~nanguard.runs.results_csv`).
 
 Epochs: a checkpoint's ``epoch`` is the 0-based index of the epoch it finished; Ultralytics resumes at
 ``epoch + 1`` (and prints it 1-based, ``from epoch epoch+2``). results.csv numbers epochs from 1, so a
@@ -26,90 +29,23 @@ longer names this folder), and only through :func:`nanguard.ckpt.load_checkpoint
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import datetime as dt
-import hashlib
-import json
 import math
-import os
 import re
 import shlex
-import socket
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nanguard.atomic import atomic_copy, atomic_write_bytes
-from nanguard.errors import ExitCode, NanguardError
-from nanguard.journal import JOURNAL_DIR, Journal, journal_path, read_checkpoints
+from nanguard.journal import Journal
+from nanguard.runs.backups import BACKED_UP, sha256_file, take_backup
+from nanguard.runs.base import RESULTS_CSV, WEIGHTS_DIR, RollbackRefused, as_float, as_int
+from nanguard.runs.candidates import Candidate, examine, journal_taints, train_args_of
+from nanguard.runs.lock import run_lock
+from nanguard.runs.results_csv import trim_counts, trim_results
 
-WEIGHTS_DIR = "weights"
-RESULTS_CSV = "results.csv"
-LOCK_FILE = "lock"
-BACKUPS_DIR = "backups"
-MANIFEST = "manifest.json"
-BACKED_UP = (f"{WEIGHTS_DIR}/last.pt", f"{WEIGHTS_DIR}/best.pt", RESULTS_CSV)
-"""The files a rollback may change, relative to the run folder; each is backed up before anything is written."""
-
-STRIPPED_REASON = (
-    "was stripped by Ultralytics after the final epoch (no optimizer state); it cannot be resumed"
-)
 _EPOCH_TARGET = re.compile(r"^epoch\s*[:=]?\s*(\d+)$", re.IGNORECASE)
 _EPOCH_FILE = re.compile(r"^epoch(\d+)\.pt$")
-
-
-class RollbackRefused(NanguardError):
-    """A rollback or undo cannot go ahead; the one-line message names the file and the reason.
-
-    ``exit_code`` is ``BAD_INPUT`` (missing folder, stripped or final checkpoint, no backup), ``DIRTY`` (a
-    dirty or tainted target without ``force``) or ``UNSAFE`` (a target with globals outside the allowlist).
-    """
-
-    def __init__(self, message: str, exit_code: ExitCode = ExitCode.BAD_INPUT) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class RunLocked(NanguardError):
-    """Another nanguard process holds the run's lock file (``.nanguard/lock``)."""
-
-    exit_code = ExitCode.LOCKED
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One checkpoint of the run as the planner saw it.
-
-    Attributes:
-        path: the file.
-        status: the audit status: clean, dirty, unsafe or unreadable.
-        epoch: the 0-based epoch it records (``-1`` once stripped), if any.
-        problem: why it cannot be resumed at all (stripped, no optimizer state, final epoch...), else None.
-        concern: why it is not safe to resume without ``force`` (dirty, unsafe, tainted), else None.
-        fitness: its best fitness, if recorded.
-    """
-
-    path: Path
-    status: str
-    epoch: int | None
-    problem: str | None
-    concern: str | None
-    fitness: float | None = None
-    concern_code: ExitCode = ExitCode.OK
-
-    @property
-    def usable(self) -> bool:
-        """Resumable and clean: what ``latest-clean`` may pick."""
-        return self.problem is None and self.concern is None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path), "status": self.status, "epoch": self.epoch, "fitness": self.fitness,
-            "usable": self.usable, "problem": self.problem, "concern": self.concern,
-        }
 
 
 @dataclass
@@ -215,22 +151,6 @@ class RollbackResult:
                 "written": dict(self.written)}
 
 
-@dataclass(frozen=True)
-class UndoResult:
-    """What :func:`undo_last` did: the backup restored, the files put back and the files removed (they did not
-    exist when the backup was taken), and the journal action id."""
-
-    run_dir: Path
-    backup_dir: Path
-    restored: list[str]
-    removed: list[str]
-    action_id: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"run_dir": str(self.run_dir), "backup_dir": str(self.backup_dir), "restored": list(self.restored),
-                "removed": list(self.removed), "action_id": self.action_id}
-
-
 # ---- planning ---------------------------------------------------------------------------------------------
 
 
@@ -266,16 +186,16 @@ def plan_rollback(
         raise RollbackRefused(f"{run}: no weights folder ({weights}); is this an Ultralytics run folder?")
     if lr_scale is not None and not (math.isfinite(lr_scale) and lr_scale > 0):
         raise RollbackRefused(f"--lr-scale {lr_scale}: must be a finite number above 0")
-    taints = _journal_taints(run)
+    taints = journal_taints(run)
     files = [path for path in find_checkpoints(weights) if path.is_file() and path.suffix == ".pt"]
-    candidates: dict[Path, tuple[Candidate, Any]] = {path: _examine(path, taints) for path in files}
+    candidates: dict[Path, tuple[Candidate, Any]] = {path: examine(path, taints) for path in files}
 
     target, root = _pick(run, to, candidates, taints, force)
     forced = [target.concern] if target.concern else []
     assert target.epoch is not None  # _pick returns resumable candidates only
-    train_args = _train_args(root)
-    epochs = _as_int(train_args.get("epochs"))
-    lr0 = _as_float(train_args.get("lr0"))
+    train_args = train_args_of(root)
+    epochs = as_int(train_args.get("epochs"))
+    lr0 = as_float(train_args.get("lr0"))
     if lr_scale is not None and lr0 is None:
         raise RollbackRefused(f"{target.path}: train_args holds no numeric lr0 to scale")
     save_dir = train_args.get("save_dir")
@@ -284,12 +204,12 @@ def plan_rollback(
     return RollbackPlan(
         run_dir=run,
         target=target.path,
-        target_sha256=_sha256(target.path),
+        target_sha256=sha256_file(target.path),
         target_epoch=target.epoch,
         epochs=epochs,
         replace_best=replace_best,
         best_reason=best_reason,
-        results_rows=_trim_counts(run / RESULTS_CSV, target.epoch),
+        results_rows=trim_counts(run / RESULTS_CSV, target.epoch),
         lr0_before=lr0,
         lr0_after=None if lr_scale is None or lr0 is None else lr0 * lr_scale,
         lr_scale=lr_scale,
@@ -298,47 +218,6 @@ def plan_rollback(
         candidates=[candidate for candidate, _ in candidates.values()],
         trust=trust,
     )
-
-
-def _examine(path: Path, taints: dict[str, str]) -> tuple[Candidate, Any]:
-    """Audit one file without running code from it; returns the candidate and its inert root (or {})."""
-    from nanguard.ckpt import Format, audit_tree, read_checkpoint
-    from nanguard.errors import UnreadableCheckpoint
-
-    try:
-        tree = read_checkpoint(path)
-    except UnreadableCheckpoint as err:
-        return Candidate(path, "unreadable", None, f"is unreadable ({_strip_path(str(err), path)})", None), {}
-    verdict = audit_tree(tree)
-    root = tree.root if isinstance(tree.root, dict) else {}
-    epoch = verdict.epoch if isinstance(verdict.epoch, int) else None
-    train_args = _train_args(root)
-    epochs = _as_int(train_args.get("epochs"))
-    problem: str | None = None
-    if tree.format is not Format.ULTRALYTICS:
-        problem = f"is not an Ultralytics training checkpoint (format {tree.format.value})"
-    elif epoch is None:
-        problem = "records no epoch; it cannot be resumed"
-    elif epoch < 0:
-        problem = STRIPPED_REASON
-    elif root.get("optimizer") is None:
-        problem = "holds no optimizer state; it cannot be resumed"
-    elif epochs is not None and epoch + 1 >= epochs:
-        problem = (f"is from the final epoch (index {epoch} of {epochs}); Ultralytics has nothing to resume "
-                   "from it")
-    concern: str | None = None
-    code = ExitCode.OK
-    if verdict.status.value == "unsafe":
-        concern, code = "references globals outside the allowlist: " + ", ".join(verdict.unsafe_globals[:5]), (
-            ExitCode.UNSAFE)
-    elif verdict.status.value == "dirty":
-        shown = "; ".join(str(finding) for finding in verdict.findings[:3])
-        more = len(verdict.findings) - 3
-        concern, code = f"is dirty: {shown}" + (f"; … +{more} more" if more > 0 else ""), ExitCode.DIRTY
-    elif str(path.resolve()) in taints:
-        concern, code = f"is tainted in the journal ({taints[str(path.resolve())]})", ExitCode.DIRTY
-    fitness = verdict.fitness if verdict.fitness is None or math.isfinite(verdict.fitness) else None
-    return Candidate(path, verdict.status.value, epoch, problem, concern, fitness, code), root
 
 
 def _pick(
@@ -377,7 +256,7 @@ def _pick(
     if path not in candidates:
         if not path.is_file():
             raise RollbackRefused(f"{path}: no such checkpoint file")
-        candidates[path] = _examine(path, taints)
+        candidates[path] = examine(path, taints)
     candidate, root = candidates[path]
     if candidate.problem is not None:
         raise RollbackRefused(f"{path}: {candidate.problem}")
@@ -408,55 +287,7 @@ def _best_decision(
     return False, f"best.pt is clean and from epoch {candidate.epoch}, not after the target"
 
 
-def _journal_taints(run: Path) -> dict[str, str]:
-    """Resolved path → taint reason, for files whose latest ``audit --record`` row is tainted and still
-    describes the file on disk (same size and mtime). Empty without a journal."""
-    if not journal_path(run).is_file():
-        return {}
-    latest: dict[str, dict[str, Any]] = {}
-    for row in read_checkpoints(run):
-        latest[row["path"]] = row
-    taints: dict[str, str] = {}
-    for path, row in latest.items():
-        if not row["tainted"]:
-            continue
-        try:
-            stat = Path(path).stat()
-        except OSError:
-            continue
-        if row["size"] in (None, stat.st_size) and (row["mtime"] is None or abs(row["mtime"] - stat.st_mtime) < 1e-3):
-            taints[path] = row["taint_reason"] or "tainted"
-    return taints
-
-
 # ---- applying ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: str | Path, purpose: str) -> Iterator[Path]:
-    """Hold ``<run_dir>/.nanguard/lock`` (created with ``O_EXCL``, holding pid, host, time and purpose).
-
-    Raises:
-        RunLocked: the lock file exists; the message names its holder.
-    """
-    folder = Path(run_dir) / JOURNAL_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / LOCK_FILE
-    try:
-        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        raise RunLocked(f"{lock}: the run is locked by {_lock_holder(lock)}; wait for it to finish, or delete "
-                        "the file if no such process is running") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": _utc_now(), "purpose": purpose},
-                      handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        yield lock
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
 
 
 def apply_rollback(plan: RollbackPlan) -> RollbackResult:
@@ -470,13 +301,13 @@ def apply_rollback(plan: RollbackPlan) -> RollbackResult:
     """
     run = plan.run_dir
     with run_lock(run, "rollback"):
-        if _sha256(plan.target) != plan.target_sha256:
+        if sha256_file(plan.target) != plan.target_sha256:
             raise RollbackRefused(f"{plan.target}: changed since the rollback was planned; plan it again")
         journal = Journal(run)  # opened before any file changes: a journal that cannot open stops it here
         try:
             # Load the target before last.pt (possibly the target itself) is replaced.
             obj = _rewritten(plan) if plan.rewrite else None
-            backup = _backup(run, {"action": "disk_rollback", "target": str(plan.target),
+            backup = take_backup(run, {"action": "disk_rollback", "target": str(plan.target),
                                    "target_epoch": plan.target_epoch})
             written: dict[str, str] = {}
             last_name = f"{WEIGHTS_DIR}/last.pt"
@@ -486,16 +317,16 @@ def apply_rollback(plan: RollbackPlan) -> RollbackResult:
                 save_checkpoint(obj, plan.last)
             elif plan.target.resolve() != plan.last.resolve():
                 atomic_copy(plan.target, plan.last)
-            written[last_name] = _sha256(plan.last)
+            written[last_name] = sha256_file(plan.last)
             if plan.replace_best:
                 atomic_copy(plan.last, plan.weights_dir / "best.pt")
                 written[f"{WEIGHTS_DIR}/best.pt"] = written[last_name]
             csv_path = run / RESULTS_CSV
             dropped = 0
             if csv_path.is_file():
-                text, _, dropped = _trim_results(csv_path.read_bytes().decode("utf-8"), plan.target_epoch)
+                text, _, dropped = trim_results(csv_path.read_bytes().decode("utf-8"), plan.target_epoch)
                 atomic_write_bytes(csv_path, text.encode("utf-8"))
-                written[RESULTS_CSV] = _sha256(csv_path)
+                written[RESULTS_CSV] = sha256_file(csv_path)
             import torch
 
             run_id = journal.start_run(policy={"command": "nanguard rollback"}, torch_version=torch.__version__)
@@ -534,186 +365,8 @@ def _rewritten(plan: RollbackPlan) -> Any:
     return obj
 
 
-def _backup(run: Path, about: dict[str, Any]) -> Path:
-    """Copy every file of :data:`BACKED_UP` that exists into a new ``.nanguard/backups/<UTC time>/`` and write
-    its manifest (the manifest comes last: a folder without one is an interrupted backup and never restored)."""
-    root = run / JOURNAL_DIR / BACKUPS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    folder = root / stamp
-    folder.mkdir()
-    files: dict[str, dict[str, Any]] = {}
-    for name in BACKED_UP:
-        source = run / name
-        if source.is_file():
-            copy = folder / name
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            atomic_copy(source, copy)
-            files[name] = {"existed": True, "sha256": _sha256(copy), "size": copy.stat().st_size}
-        else:
-            files[name] = {"existed": False}
-    manifest = {"created": _utc_now(), **about, "files": files, "undone_at": None}
-    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
-    return folder
-
-
-def undo_last(run_dir: str | Path) -> UndoResult:
-    """Restore the newest backup not yet undone, byte for byte, under the run's lock; record it; mark it used.
-
-    A file the backup says did not exist is removed.
-
-    Raises:
-        RollbackRefused: no run folder, no backup left to undo, or a backup file that no longer matches its
-            recorded SHA-256.
-        RunLocked: another process holds the lock.
-    """
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise RollbackRefused(f"{run}: no such run folder")
-    with run_lock(run, "undo"):
-        folder, manifest = _newest_backup(run)
-        files: dict[str, dict[str, Any]] = manifest["files"]
-        for name, info in files.items():
-            if info.get("existed") and _sha256(folder / name) != info.get("sha256"):
-                raise RollbackRefused(f"{folder / name}: backup copy does not match its recorded SHA-256; "
-                                      "nothing restored")
-        journal = Journal(run)
-        try:
-            restored: list[str] = []
-            removed: list[str] = []
-            for name, info in files.items():
-                target = run / name
-                if info.get("existed"):
-                    atomic_copy(folder / name, target)
-                    restored.append(name)
-                elif target.exists():
-                    target.unlink()
-                    removed.append(name)
-            import torch
-
-            run_id = journal.start_run(policy={"command": "nanguard undo"}, torch_version=torch.__version__)
-            action_id = journal.record_action(
-                run_id, step=-1, action="disk_undo", reason=f"restored backup {folder.name}",
-                detail={"backup": str(folder.resolve()), "restored": restored, "removed": removed,
-                        "undid": manifest.get("action")},
-            )
-            journal.end_run(run_id, "finished")
-            manifest["undone_at"] = _utc_now()
-            atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
-        finally:
-            journal.close()
-    return UndoResult(run, folder, restored, removed, action_id)
-
-
-def _newest_backup(run: Path) -> tuple[Path, dict[str, Any]]:
-    root = run / JOURNAL_DIR / BACKUPS_DIR
-    folders = sorted((p for p in root.iterdir() if p.is_dir()), reverse=True) if root.is_dir() else []
-    for folder in folders:
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # an interrupted backup: no manifest
-        if not manifest.get("undone_at"):
-            return folder, manifest
-    raise RollbackRefused(f"{root}: no backup left to undo")
-
-
-# ---- results.csv ------------------------------------------------------------------------------------------
-
-
-def _trim_results(text: str, target_epoch: int) -> tuple[str, int, int]:
-    """results.csv text keeping the header and the rows of epochs ``1 … target_epoch + 1`` (1-based column);
-    where an epoch repeats (an earlier resume), only its last row is kept. Returns (text, kept, dropped).
-
-    Lines are kept byte for byte (line endings, 8.3.0's padded columns); a row whose epoch cannot be read is
-    kept.
-    """
-    lines = text.splitlines(keepends=True)
-    if not lines:
-        return text, 0, 0
-    header = [name.strip() for name in next(csv.reader([lines[0]]))]
-    if "epoch" not in header:
-        return text, len(lines) - 1, 0
-    column = header.index("epoch")
-    last_of: dict[int, int] = {}
-    epochs: list[int | None] = []
-    for index, line in enumerate(lines[1:]):
-        cells = next(csv.reader([line]), [])
-        value = _as_int(_number(cells[column])) if len(cells) > column else None
-        epochs.append(value)
-        if value is not None:
-            last_of[value] = index
-    keep = [lines[0]]
-    dropped = 0
-    for index, (line, value) in enumerate(zip(lines[1:], epochs, strict=True)):
-        if not line.strip() or value is None or (value <= target_epoch + 1 and last_of[value] == index):
-            keep.append(line)
-        else:
-            dropped += 1
-    return "".join(keep), sum(1 for line in keep[1:] if line.strip()), dropped
-
-
-def _trim_counts(path: Path, target_epoch: int) -> tuple[int, int] | None:
-    if not path.is_file():
-        return None
-    _, kept, dropped = _trim_results(path.read_bytes().decode("utf-8"), target_epoch)
-    return kept, dropped
-
-
-# ---- small helpers ----------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _lock_holder(lock: Path) -> str:
-    try:
-        info = json.loads(lock.read_text(encoding="utf-8"))
-        return f"pid {info.get('pid')} on {info.get('host')} since {info.get('time')} ({info.get('purpose')})"
-    except (OSError, ValueError, AttributeError):
-        return "another process"
-
-
-def _utc_now() -> str:
-    return dt.datetime.fromtimestamp(time.time(), dt.UTC).isoformat(timespec="seconds")
-
-
 def _same_folder(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve()
     except OSError:
         return False
-
-
-def _strip_path(message: str, path: Path) -> str:
-    return " ".join(message.removeprefix(f"{path}: ").splitlines())
-
-
-def _number(text: str) -> float | None:
-    try:
-        return float(text.strip())
-    except ValueError:
-        return None
-
-
-def _train_args(root: Any) -> dict[str, Any]:
-    args = root.get("train_args") if isinstance(root, dict) else None
-    return args if isinstance(args, dict) else {}
-
-
-def _as_float(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
-def _as_int(value: Any) -> int | None:
-    number = _as_float(value)
-    if number is None or not math.isfinite(number) or not number.is_integer():
-        return None
-    return int(number)

@@ -1,0 +1,61 @@
+"""results_csv.py owns trimming an Ultralytics ``results.csv`` back to a rolled-back epoch.
+
+results.csv numbers epochs from 1, so a checkpoint of 0-based epoch index E goes with rows ``1 … E+1``.
+:func:`trim_results` works on text and :func:`trim_counts` on a file, and neither writes anything:
+:func:`~nanguard.runs.ultralytics_disk.apply_rollback` writes the trimmed text (atomically) and
+:func:`~nanguard.runs.ultralytics_disk.plan_rollback` reports the counts.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from nanguard.runs.base import as_int
+
+
+def trim_results(text: str, target_epoch: int) -> tuple[str, int, int]:
+    """results.csv text keeping the header and the rows of epochs ``1 … target_epoch + 1`` (1-based column);
+    where an epoch repeats (an earlier resume), only its last row is kept. Returns (text, kept, dropped).
+
+    Lines are kept byte for byte (line endings, 8.3.0's padded columns); a row whose epoch cannot be read is
+    kept.
+    """
+    lines = text.splitlines(keepends=True)
+    if not lines:
+        return text, 0, 0
+    header = [name.strip() for name in next(csv.reader([lines[0]]))]
+    if "epoch" not in header:
+        return text, len(lines) - 1, 0
+    column = header.index("epoch")
+    last_of: dict[int, int] = {}
+    epochs: list[int | None] = []
+    for index, line in enumerate(lines[1:]):
+        cells = next(csv.reader([line]), [])
+        value = as_int(_number(cells[column])) if len(cells) > column else None
+        epochs.append(value)
+        if value is not None:
+            last_of[value] = index
+    keep = [lines[0]]
+    dropped = 0
+    for index, (line, value) in enumerate(zip(lines[1:], epochs, strict=True)):
+        if not line.strip() or value is None or (value <= target_epoch + 1 and last_of[value] == index):
+            keep.append(line)
+        else:
+            dropped += 1
+    return "".join(keep), sum(1 for line in keep[1:] if line.strip()), dropped
+
+
+def trim_counts(path: Path, target_epoch: int) -> tuple[int, int] | None:
+    """(rows kept, rows dropped) were ``path`` trimmed to ``target_epoch``; None when there is no such file."""
+    if not path.is_file():
+        return None
+    _, kept, dropped = trim_results(path.read_bytes().decode("utf-8"), target_epoch)
+    return kept, dropped
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.strip())
+    except ValueError:
+        return None
