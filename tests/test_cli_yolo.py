@@ -1,0 +1,115 @@
+"""Tests of ``nanguard yolo``: Ultralytics' own arguments, a guarded training, one-line errors.
+
+One real training (YOLO11n from its yaml, offline, CPU, the shared synthetic dataset, two epochs of two steps);
+the error tests stop before anything trains.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from nanguard.ckpt import Status, audit
+from nanguard.cli import app
+from nanguard.errors import ExitCode
+
+pytest.importorskip("ultralytics")
+
+runner = CliRunner()
+
+
+def _train_args(data: Path, project: Path) -> list[str]:
+    return [
+        "detect", "train", f"data={data}", "model=yolo11n.yaml", "epochs=2", "imgsz=32", "batch=4", "nbs=4",
+        "workers=0", "device=cpu", "plots=False", "amp=False", f"project={project}", "name=run", "exist_ok=True",
+        "warmup_epochs=0", "mosaic=0.0", "save_period=1", "verbose=False",
+    ]
+
+
+def _assert_one_line_error(result: Result, code: ExitCode, *fragments: str) -> None:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nanguard: error: "), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], result.output
+
+
+def test_guarded_training_from_the_command_line(yolo_offline: Path, yolo_dataset: Path, tmp_path: Path) -> None:
+    """``nanguard yolo detect train ...`` trains with the guard attached: exit 0, a finished run in the journal in
+    the save_dir, every weights file clean, and the summary names the journal and the incidents command."""
+    result = runner.invoke(app, ["yolo", *_train_args(yolo_dataset, tmp_path), "--policy", str(_policy(tmp_path))])
+    assert result.exit_code == 0, result.output
+    save_dir = tmp_path / "run"
+    journal = save_dir / ".nanguard" / "journal.db"
+    assert journal.is_file()
+    db = sqlite3.connect(journal)
+    try:
+        assert [row[0] for row in db.execute("SELECT status FROM runs")] == ["finished"]
+        policy = db.execute("SELECT policy FROM runs").fetchone()[0]
+    finally:
+        db.close()
+    assert "7.5" in policy  # the --policy file's max_grad_norm, not the default
+    weights = sorted((save_dir / "weights").glob("*.pt"))
+    assert {"last.pt", "best.pt", "epoch0.pt", "epoch1.pt"} <= {p.name for p in weights}
+    for path in weights:
+        assert audit(path).status is Status.CLEAN, path
+    assert str(journal) in result.stdout
+    assert f"nanguard incidents {save_dir}" in result.stdout
+    assert "steps:" in result.stdout and "4 (continue 4)" in result.stdout, result.stdout
+
+
+def _policy(tmp_path: Path) -> Path:
+    path = tmp_path / "nanguard.toml"
+    path.write_text("max_grad_norm = 7.5\n")
+    return path
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (["detect", "train", "epoch=3"], ["'epoch' is not a valid YOLO argument", "epochs"]),
+    (["train", "imgsz=64", "lr=0.1"], ["'lr' is not a valid YOLO argument"]),
+    (["train", "epochs"], ["missing an '=' sign"]),
+    (["train", "epochs=abc"], ["epochs=abc", "invalid type"]),
+    (["detect", "val", "model=yolo11n.yaml"], ["guards training only", "mode=val"]),
+    (["checks"], ["'checks' is a yolo command"]),
+])
+def test_bad_arguments_are_one_line_errors(
+    yolo_offline: Path, tmp_path: Path, args: list[str], fragments: list[str]
+) -> None:
+    """What Ultralytics' ``yolo`` rejects (unknown key, missing '=', bad type) and what nanguard does not guard
+    (another mode, a special command): one line on stderr, exit 2, no help text, no traceback, no run folder."""
+    result = runner.invoke(app, ["yolo", *args, f"project={tmp_path}"])
+    _assert_one_line_error(result, ExitCode.BAD_INPUT, *fragments)
+    assert "Arguments received" not in result.output  # Ultralytics' help text stays out
+    assert not any(tmp_path.iterdir())
+
+
+def test_bad_policy_file_is_a_one_line_error(yolo_offline: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("no_such_key = 1\n")
+    result = runner.invoke(app, ["yolo", "train", "--policy", str(bad), f"project={tmp_path}"])
+    _assert_one_line_error(result, ExitCode.BAD_INPUT, "no_such_key")
+
+
+def test_stopped_training_exits_4_with_the_report(
+    yolo_offline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the guard raises ``TrainingStopped`` out of ``model.train``: its report on stdout, its message as the
+    one error line, exit 4 (no training runs here: ``Model.train`` is replaced by one that raises)."""
+    from ultralytics.engine.model import Model
+
+    from nanguard.errors import TrainingStopped
+
+    def stop(self: Model, **kwargs: object) -> None:
+        raise TrainingStopped("nanguard stopped training at step 7: 3 rollbacks did not get past the incident",
+                              ["step 5 (epoch 0, batch 5): nonfinite_loss -> rollback"])
+
+    monkeypatch.setattr(Model, "train", stop)
+    result = runner.invoke(app, ["yolo", "detect", "train", "model=yolo11n.yaml", "data=unused.yaml",
+                                 f"project={tmp_path}"])
+    _assert_one_line_error(result, ExitCode.STOPPED, "stopped training at step 7")
+    assert "nanguard stopped the training" in result.stdout
+    assert "step 5 (epoch 0, batch 5): nonfinite_loss -> rollback" in result.stdout
