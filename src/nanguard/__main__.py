@@ -1,4 +1,4 @@
-"""__main__.py makes ``python -m nanguard`` run the ``nanguard`` command; the command itself is in cli.py."""
+"""__main__.py makes ``python -m nanguard`` run the ``nanguard`` command (the nanguard.cli package)."""
 
 from __future__ import annotations
 
