@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/demo_yolo.py && $(PY) examples/demo.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples

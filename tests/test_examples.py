@@ -135,3 +135,19 @@ def test_checkpoints_example_audits_without_running_code_and_refuses_the_unsafe_
     assert "optimizer.state.0.exp_avg_sq: nan x1" in proc.stdout
     assert "the shell command ran: False" in proc.stdout
     assert "CHECKPOINTS EXAMPLE PASSED" in proc.stdout
+
+
+def test_yolo_demo_catches_the_three_faults_and_ends_with_clean_last_and_best(tmp_path: Path) -> None:
+    """``examples/demo_yolo.py --quick``: a real guarded YOLO11n training (4 epochs) with a NaN weight in
+    epoch 0, a NaN gradient mid-run and a NaN weight later, beside the same faults unguarded; about 40 s."""
+    pytest.importorskip("ultralytics")
+    done = _run_example("demo_yolo.py", "--quick", "--runs-dir", str(tmp_path), cwd=tmp_path)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    for label in "123":
+        assert re.search(rf"fault \({label}\) .*: caught at epoch \d+, batch \d+", out), out
+    assert "NOT CAUGHT" not in out, out
+    assert "faults caught by nanguard: 3 of 3" in out, out
+    assert "guarded last.pt: clean" in out and "guarded best.pt: clean" in out, out
+    assert re.search(r"\d+ incidents; kinds: ", out), out
+    assert "YOLO DEMO PASSED" in out and "YOLO DEMO FAILED" not in out, out

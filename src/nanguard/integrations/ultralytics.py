@@ -197,6 +197,7 @@ class UltralyticsGuard:
         self.trainer = trainer
         self.results, self.verdicts = [], []
         self._batch_index, self._pending_files, self._audited, self._finished = -1, [], {}, False
+        self._verdicts_by_digest: dict[str, Verdict] = {}
         if getattr(trainer, "world_size", 1) > 1:
             log.warning("nanguard: multi-GPU (DDP) Ultralytics training is not supported; guarding this rank only")
         scaler = getattr(trainer, "scaler", None)
@@ -244,8 +245,9 @@ class UltralyticsGuard:
         """Before validation and saving: contaminated state (a NaN weight, EMA or optimizer moment that no
         step has shown yet) is rolled back now, so the epoch's checkpoint is written from clean state."""
         guard = self._require_guard()
-        if guard.scan_state():
-            guard.check_state(max(guard.step_count - 1, 0))
+        # The periodic check, at the epoch boundary: contaminated state rolls back, clean state is kept as a
+        # snapshot, so a later fault never rolls back further than one epoch (short runs included).
+        guard.check_state(max(guard.step_count - 1, 0))
 
     def handle_nan_recovery(self, epoch: int) -> bool:
         """Replaces Ultralytics' epoch-level recovery (reload ``last.pt``): the guard already skipped bad
@@ -256,7 +258,10 @@ class UltralyticsGuard:
         loss_nan = isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all())
         fitness = getattr(trainer, "fitness", None)
         fitness_nan = fitness is not None and not math.isfinite(float(fitness))
-        clean = not guard.scan_state() or guard.check_state(max(guard.step_count - 1, 0))
+        dirty = guard.scan_state()
+        if dirty:
+            guard.check_state(max(guard.step_count - 1, 0))
+        clean = not dirty
         if loss_nan or fitness_nan:
             guard.journal.record_action(
                 guard.run_id, step=guard.step_count, action="ultralytics_recovery_replaced",
@@ -299,7 +304,11 @@ class UltralyticsGuard:
         digest = file_digest(path)
         if digest is not None and self._audited.get(str(path)) == digest[0]:
             return None  # unchanged since its last audit (not rewritten this epoch)
-        verdict = audit(path)
+        # Ultralytics writes the same bytes to last.pt, best.pt and epochN.pt: audit them once.
+        known = self._verdicts_by_digest.get(digest[0]) if digest is not None else None
+        verdict = dataclasses.replace(known, path=path) if known is not None else audit(path)
+        if digest is not None:
+            self._verdicts_by_digest[digest[0]] = verdict
         self.verdicts.append(verdict)
         self._record_verdict(path, verdict, digest)
         if digest is not None:
