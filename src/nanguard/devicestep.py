@@ -161,6 +161,8 @@ class DeviceStep:
         guard, policy = self.guard, self.guard.policy
         if not self.positions:
             return []
+        from nanguard.guard import _Seen
+
         rows = self.ring[: len(self.positions)].tolist()
         positions, self.positions = self.positions, []
         before = len(guard.incidents)
@@ -175,8 +177,8 @@ class DeviceStep:
                 if decision.action in (Action.ROLLBACK, Action.STOP):
                     pending = pending or decision
                     done = Decision(Action.SKIP, decision.reason)  # what the device already did
-                guard._record(step, done, findings, row["loss"], row["grad_norm"], sample_ids,
-                              applied=bool(row["ok"]), position=(epoch, batch_index))
+                seen = _Seen(step, epoch, batch_index, row["loss"], row["grad_norm"], sample_ids)
+                guard._record(seen, done, findings, applied=bool(row["ok"]))
             if pending is None or findings:
                 guard._follow_probation(step, had_incident=bool(findings))
         self._live = None  # a rollback or a load replaces the optimizer's state tensors: re-collect them

@@ -68,6 +68,18 @@ class StepResult:
     findings: tuple[Finding, ...] = ()
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """Where one step was and what it measured: what the journal records with each of its incidents."""
+
+    step: int
+    epoch: int | None
+    batch_index: int | None
+    loss: float | None = None
+    grad_norm: float | None = None
+    sample_ids: Any = None
+
+
 class Guard:
     """Check → decide → act → record around the optimizer step of one model and one optimizer.
 
@@ -244,29 +256,20 @@ class Guard:
                 self.loss_stats.observe(loss_v, cap=loss_thr)
             if grads_ok:
                 self.grad_stats.observe(norm_v, cap=grad_thr)
-        late = self._conclude(step, decision, findings, loss_v, norm_v, sample_ids, applied=applied,
-                              position=(self.epoch, self.batch_index))
+        seen = _Seen(step, self.epoch, self.batch_index, loss_v, norm_v, sample_ids)
+        late = self._conclude(seen, decision, findings, applied=applied)
         if late:  # the periodic check at the end of this step found contaminated state and rolled back
             return StepResult(step, Action.ROLLBACK, False, loss_v, norm_v, (*findings, *late))
         return StepResult(step, decision.action, applied, loss_v, norm_v, tuple(findings))
 
     def _conclude(
-        self,
-        step: int,
-        decision: Decision,
-        findings: list[Finding],
-        loss_v: float | None,
-        norm_v: float | None,
-        sample_ids: Any,
-        *,
-        applied: bool,
-        position: tuple[int | None, int | None],
-        periodic_check: bool = True,
+        self, seen: _Seen, decision: Decision, findings: list[Finding], *, applied: bool, periodic_check: bool = True
     ) -> list[Finding]:
         """Record the step, carry out a rollback or stop, follow probation, and at the end of every
         ``check_every_steps`` steps scan the state: clean → snapshot, contaminated → roll back. Returns the
         findings of that scan when it rolled back."""
-        self._record(step, decision, findings, loss_v, norm_v, sample_ids, applied=applied, position=position)
+        step = seen.step
+        self._record(seen, decision, findings, applied=applied)
         self._follow_probation(step, had_incident=bool(findings))  # before a rollback: a failure raises its level
         if decision.action in (Action.ROLLBACK, Action.STOP):
             self._roll_back_or_stop(step, decision)
@@ -291,8 +294,7 @@ class Guard:
             self.escalation.note_clean_check()
             return []
         decision = decide(self.policy, dirty, self.escalation, step=step)
-        self._record(step, decision, dirty, None, None, None, applied=False,
-                     position=(self.epoch, self.batch_index))
+        self._record(_Seen(step, self.epoch, self.batch_index), decision, dirty, applied=False)
         self._roll_back_or_stop(step, decision)
         return dirty
 
@@ -381,27 +383,16 @@ class Guard:
             torch._foreach_copy_(self._buffers, self._buffer_backup)
 
     # ------------------------------------------------------------------ recording
-    def _record(
-        self,
-        step: int,
-        decision: Decision,
-        findings: list[Finding],
-        loss_v: float | None,
-        norm_v: float | None,
-        sample_ids: Any,
-        *,
-        applied: bool,
-        position: tuple[int | None, int | None],
-    ) -> None:
-        epoch, batch_index = position
+    def _record(self, seen: _Seen, decision: Decision, findings: list[Finding], *, applied: bool) -> None:
+        step, epoch, batch_index = seen.step, seen.epoch, seen.batch_index
         for finding in _one_symptom(findings):
             action = decision.action.value
             if finding.kind is Kind.AMP_OVERFLOW and not applied:
                 action = "scaler_skip"
             incident = IncidentRecord(
                 kind=finding.kind.value, step=step, action=action, epoch=epoch,
-                batch_index=batch_index, sample_ids=_plain_ids(sample_ids), rank=self.rank,
-                loss=loss_v, grad_norm=norm_v, value=finding.value, threshold=finding.threshold,
+                batch_index=batch_index, sample_ids=_plain_ids(seen.sample_ids), rank=self.rank,
+                loss=seen.loss, grad_norm=seen.grad_norm, value=finding.value, threshold=finding.threshold,
                 tensors=finding.tensors,
             )
             self.incidents.append(incident)

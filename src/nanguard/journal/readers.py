@@ -29,57 +29,41 @@ def _open_read_only(run_dir: str | Path) -> sqlite3.Connection:
     return db
 
 
+def _rows(run_dir: str | Path, table: str) -> list[sqlite3.Row]:
+    """Every row of ``table``, oldest first; ``[]`` when the journal predates that table. One place opens
+    the journal read-only and turns SQLite errors into one-line :class:`JournalError` messages."""
+    db = _open_read_only(run_dir)
+    try:
+        exists = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+        # table is one of this module's own names, checked against sqlite_master above
+        return db.execute(f"SELECT * FROM {table} ORDER BY id").fetchall() if exists else []
+    except sqlite3.Error as err:
+        raise JournalError(f"{journal_path(run_dir)}: cannot read {table} ({err})") from None
+    finally:
+        db.close()
+
+
 def read_incidents(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every incident of a run folder, oldest first, as plain dicts (JSON columns decoded, non-finite
     losses and norms given back as floats)."""
-    db = _open_read_only(run_dir)
-    try:
-        rows = db.execute("SELECT * FROM incidents ORDER BY id").fetchall()
-    except sqlite3.Error as err:
-        raise JournalError(f"{journal_path(run_dir)}: cannot read incidents ({err})") from None
-    finally:
-        db.close()
-    return [_incident_dict(row) for row in rows]
+    return [_incident_dict(row) for row in _rows(run_dir, "incidents")]
 
 
 def read_actions(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every action of a run folder, oldest first."""
-    db = _open_read_only(run_dir)
-    try:
-        rows = db.execute("SELECT * FROM actions ORDER BY id").fetchall()
-    except sqlite3.Error as err:
-        raise JournalError(f"{journal_path(run_dir)}: cannot read actions ({err})") from None
-    finally:
-        db.close()
-    return [{**dict(row), "detail": json.loads(row["detail"])} for row in rows]
+    return [{**dict(row), "detail": json.loads(row["detail"])} for row in _rows(run_dir, "actions")]
 
 
 def read_checkpoints(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every stored checkpoint audit of a run folder, oldest first (``findings`` decoded, ``tainted`` a
     bool). A journal written before the ``checkpoints`` table existed gives ``[]``."""
-    db = _open_read_only(run_dir)
-    try:
-        exists = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'checkpoints'").fetchone()
-        rows = db.execute("SELECT * FROM checkpoints ORDER BY id").fetchall() if exists else []
-    except sqlite3.Error as err:
-        raise JournalError(f"{journal_path(run_dir)}: cannot read checkpoints ({err})") from None
-    finally:
-        db.close()
-    return [_checkpoint_dict(dict(row)) for row in rows]
+    return [_checkpoint_dict(dict(row)) for row in _rows(run_dir, "checkpoints")]
 
 
 def read_snapshots(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every snapshot row of a run folder, oldest first (``clean``, ``pinned``, ``deleted`` as bools;
     ``path`` relative to the run folder). A journal written before the ``snapshots`` table existed gives ``[]``."""
-    db = _open_read_only(run_dir)
-    try:
-        exists = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'snapshots'").fetchone()
-        rows = db.execute("SELECT * FROM snapshots ORDER BY id").fetchall() if exists else []
-    except sqlite3.Error as err:
-        raise JournalError(f"{journal_path(run_dir)}: cannot read snapshots ({err})") from None
-    finally:
-        db.close()
-    return [_snapshot_dict(dict(row)) for row in rows]
+    return [_snapshot_dict(dict(row)) for row in _rows(run_dir, "snapshots")]
 
 
 def _snapshot_dict(out: dict[str, Any]) -> dict[str, Any]:
