@@ -57,6 +57,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _models  # this script's folder, added above
+
 import nanguard
 from nanguard.policy import Action
 
@@ -69,14 +73,8 @@ FAULT_KINDS = ("nan_weight", "nan_adam_moment", "nan_bn_buffer_silent", "nan_bat
 
 # ------------------------------------------------------------------------------------------------- helpers
 def mlp(in_features: int, width: int, depth: int, classes: int = 10) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    features = in_features
-    for _ in range(depth):
-        layers += [nn.Linear(features, width), nn.ReLU()]
-        features = width
-    layers.append(nn.Linear(features, classes))
-    return nn.Sequential(*layers)
-
+    """The reference MLP of ``_models`` as a plain ``nn.Sequential`` (this script indexes its layers)."""
+    return _models.MLP(in_features, width, depth, classes).net
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

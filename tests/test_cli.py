@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner, Result
+from typer.testing import CliRunner
 
 from nanguard import __version__
 from nanguard.cli import EXIT_CODE_MEANINGS, app
 from nanguard.errors import ExitCode
 from nanguard.journal import IncidentRecord, Journal, journal_path, read_incidents
+from tests.cli_checks import assert_one_line_error
 
 runner = CliRunner()
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
@@ -48,16 +49,6 @@ def run_dir(tmp_path: Path) -> Path:
                            tensors=["fc.weight"], rank=1),
         ],
     )
-
-
-def _assert_one_line_error(result: Result, code: ExitCode, *fragments: str) -> None:
-    assert result.exit_code == code, result.output
-    assert result.stdout == "", result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nanguard: error: "), result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], result.output
 
 
 def test_version() -> None:
@@ -163,12 +154,12 @@ def test_journal_without_incidents_prints_no_incidents_exit_0(tmp_path: Path) ->
 def test_missing_run_dir_is_one_line_exit_2(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-run"
     result = runner.invoke(app, ["incidents", str(missing)])
-    _assert_one_line_error(result, ExitCode.BAD_INPUT, str(missing), "no such run folder")
+    assert_one_line_error(result, ExitCode.BAD_INPUT, str(missing), "no such run folder")
 
 
 def test_run_dir_without_journal_is_one_line_exit_2(tmp_path: Path) -> None:
     result = runner.invoke(app, ["incidents", str(tmp_path)])
-    _assert_one_line_error(result, ExitCode.BAD_INPUT, "no nanguard journal", str(journal_path(tmp_path)))
+    assert_one_line_error(result, ExitCode.BAD_INPUT, "no nanguard journal", str(journal_path(tmp_path)))
 
 
 def test_non_sqlite_journal_is_one_line_exit_2_and_left_unchanged(tmp_path: Path) -> None:
@@ -177,7 +168,7 @@ def test_non_sqlite_journal_is_one_line_exit_2_and_left_unchanged(tmp_path: Path
     garbage = b"this is a training log, not a SQLite database\n" * 200
     path.write_bytes(garbage)
     result = runner.invoke(app, ["incidents", str(tmp_path)])
-    _assert_one_line_error(result, ExitCode.BAD_INPUT, str(path), "not a readable nanguard journal")
+    assert_one_line_error(result, ExitCode.BAD_INPUT, str(path), "not a readable nanguard journal")
     assert path.read_bytes() == garbage
     assert sorted(p.name for p in path.parent.iterdir()) == ["journal.db"]
 

@@ -16,6 +16,7 @@ from typer.testing import CliRunner, Result
 from nanguard.cli import app
 from nanguard.errors import ExitCode
 from nanguard.journal import IncidentRecord, Journal, read_checkpoints
+from tests.cli_checks import assert_one_line_error
 
 runner = CliRunner()
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
@@ -70,16 +71,6 @@ def _audit(*args: str | Path) -> Result:
     return runner.invoke(app, ["audit", *map(str, args)])
 
 
-def _assert_one_line_error(result: Result, *fragments: str) -> None:
-    assert result.exit_code == ExitCode.BAD_INPUT, result.output
-    assert result.stdout == "", result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nanguard: error: "), result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], result.output
-
-
 def test_clean_checkpoint_exits_0(tmp_path: Path) -> None:
     path = _clean(tmp_path)
     result = _audit(path)
@@ -127,11 +118,12 @@ def test_truncated_checkpoint_exits_2_with_one_line(tmp_path: Path) -> None:
 
 
 def test_missing_path_and_empty_folder_exit_2_with_one_error_line(tmp_path: Path) -> None:
-    _assert_one_line_error(_audit(tmp_path / "missing.pt"), "missing.pt", "no such file or folder")
+    assert_one_line_error(_audit(tmp_path / "missing.pt"), ExitCode.BAD_INPUT, "missing.pt", "no such file or folder")
     empty = tmp_path / "empty"
     empty.mkdir()
-    _assert_one_line_error(_audit(empty), str(empty), "no checkpoint")
-    _assert_one_line_error(runner.invoke(app, ["inspect", str(tmp_path / "missing.pt")]), "no such file")
+    assert_one_line_error(_audit(empty), ExitCode.BAD_INPUT, str(empty), "no checkpoint")
+    assert_one_line_error(runner.invoke(app, ["inspect", str(tmp_path / "missing.pt")]), ExitCode.BAD_INPUT,
+                          "no such file")
 
 
 def test_folder_with_a_mix_exits_with_the_worst_status(tmp_path: Path) -> None:

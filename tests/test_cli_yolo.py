@@ -10,11 +10,12 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner, Result
+from typer.testing import CliRunner
 
 from nanguard.ckpt import Status, audit
 from nanguard.cli import app
 from nanguard.errors import ExitCode
+from tests.cli_checks import assert_one_line_error
 
 pytest.importorskip("ultralytics")
 
@@ -27,15 +28,6 @@ def _train_args(data: Path, project: Path) -> list[str]:
         "workers=0", "device=cpu", "plots=False", "amp=False", f"project={project}", "name=run", "exist_ok=True",
         "warmup_epochs=0", "mosaic=0.0", "save_period=1", "verbose=False",
     ]
-
-
-def _assert_one_line_error(result: Result, code: ExitCode, *fragments: str) -> None:
-    assert result.exit_code == code, result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nanguard: error: "), result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], result.output
 
 
 def test_guarded_training_from_the_command_line(yolo_offline: Path, yolo_dataset: Path, tmp_path: Path) -> None:
@@ -82,7 +74,7 @@ def test_bad_arguments_are_one_line_errors(
     """What Ultralytics' ``yolo`` rejects (unknown key, missing '=', bad type) and what nanguard does not guard
     (another mode, a special command): one line on stderr, exit 2, no help text, no traceback, no run folder."""
     result = runner.invoke(app, ["yolo", *args, f"project={tmp_path}"])
-    _assert_one_line_error(result, ExitCode.BAD_INPUT, *fragments)
+    assert_one_line_error(result, ExitCode.BAD_INPUT, *fragments, stdout_empty=False)
     assert "Arguments received" not in result.output  # Ultralytics' help text stays out
     assert not any(tmp_path.iterdir())
 
@@ -91,7 +83,7 @@ def test_bad_policy_file_is_a_one_line_error(yolo_offline: Path, tmp_path: Path)
     bad = tmp_path / "bad.toml"
     bad.write_text("no_such_key = 1\n")
     result = runner.invoke(app, ["yolo", "train", "--policy", str(bad), f"project={tmp_path}"])
-    _assert_one_line_error(result, ExitCode.BAD_INPUT, "no_such_key")
+    assert_one_line_error(result, ExitCode.BAD_INPUT, "no_such_key", stdout_empty=False)
 
 
 def test_stopped_training_exits_4_with_the_report(
@@ -110,6 +102,6 @@ def test_stopped_training_exits_4_with_the_report(
     monkeypatch.setattr(Model, "train", stop)
     result = runner.invoke(app, ["yolo", "detect", "train", "model=yolo11n.yaml", "data=unused.yaml",
                                  f"project={tmp_path}"])
-    _assert_one_line_error(result, ExitCode.STOPPED, "stopped training at step 7")
+    assert_one_line_error(result, ExitCode.STOPPED, "stopped training at step 7", stdout_empty=False)
     assert "nanguard stopped the training" in result.stdout
     assert "step 5 (epoch 0, batch 5): nonfinite_loss -> rollback" in result.stdout

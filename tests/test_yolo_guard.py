@@ -42,6 +42,28 @@ class BatchCounter:
         self.index += 1
 
 
+class LRSpy:
+    """The LRs each optimizer step really used, beside the LRs the trainer had set in the param groups
+    (read after the batch, when the guard has put its back-off scaling away again)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[list[float], list[float]]] = []  # (stepped with, set by the trainer)
+
+    def on_train_start(self, trainer: Any) -> None:  # the guard's optimizer exists by now
+        optimizer = trainer.optimizer
+        original = optimizer.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            self.seen.append(([g["lr"] for g in optimizer.param_groups], []))
+            return original(*args, **kwargs)
+
+        optimizer.step = step
+
+    def after_batch(self, trainer: Any) -> None:
+        if self.seen and not self.seen[-1][1]:
+            self.seen[-1][1].extend(g["lr"] for g in trainer.optimizer.param_groups)
+
+
 def train_guarded(
     project: Path,
     data: Path,
@@ -152,27 +174,18 @@ def test_nan_weight_rolls_back_with_lr_backoff_under_warmup(
     finds the weight, the guard rolls back in process and backs the LR off. With warmup on, Ultralytics
     rewrites the group LRs before every batch; the back-off scales them at step time and puts them back."""
     counter = BatchCounter()
-    seen: list[tuple[list[float], list[float]]] = []  # (LRs the optimizer stepped with, LRs the trainer set)
-
-    def spy(trainer: Any) -> None:  # on_train_start: the guard's optimizer exists
-        optimizer = trainer.optimizer
-        original = optimizer.step
-
-        def step(*args: Any, **kwargs: Any) -> Any:
-            seen.append(([g["lr"] for g in optimizer.param_groups], []))
-            return original(*args, **kwargs)
-
-        optimizer.step = step
+    lrs = LRSpy()
+    seen = lrs.seen
 
     def after_batch(trainer: Any) -> None:
-        if seen and not seen[-1][1]:
-            seen[-1][1].extend(g["lr"] for g in trainer.optimizer.param_groups)
+        lrs.after_batch(trainer)
         if trainer.epoch == 1 and counter.index == 0:
             with torch.no_grad():
                 next(trainer.model.parameters()).view(-1)[0] = NAN
 
     guarded, save_dir = train_guarded(
-        tmp_path, yolo_dataset, [*counter.hooks(), ("on_train_start", spy), ("on_train_batch_end", after_batch)],
+        tmp_path, yolo_dataset,
+        [*counter.hooks(), ("on_train_start", lrs.on_train_start), ("on_train_batch_end", after_batch)],
         warmup_epochs=1,
     )
     loss_row = incident(save_dir, "nonfinite_loss")
@@ -197,27 +210,18 @@ def test_lr_backoff_scales_the_trainers_lrs_at_step_time(
     """A rollback in epoch 0 under warmup: the steps after it run at ``lr_backoff_factor`` times the LRs
     that warmup wrote into the param groups, and the groups hold warmup's values again after each step."""
     counter = BatchCounter()
-    seen: list[tuple[list[float], list[float]]] = []
-
-    def spy(trainer: Any) -> None:
-        optimizer = trainer.optimizer
-        original = optimizer.step
-
-        def step(*args: Any, **kwargs: Any) -> Any:
-            seen.append(([g["lr"] for g in optimizer.param_groups], []))
-            return original(*args, **kwargs)
-
-        optimizer.step = step
+    lrs = LRSpy()
+    seen = lrs.seen
 
     def after_batch(trainer: Any) -> None:
-        if seen and not seen[-1][1]:
-            seen[-1][1].extend(g["lr"] for g in trainer.optimizer.param_groups)
+        lrs.after_batch(trainer)
         if trainer.epoch == 0 and counter.index == 0:
             with torch.no_grad():
                 next(trainer.model.parameters()).view(-1)[0] = NAN
 
     guarded, save_dir = train_guarded(
-        tmp_path, yolo_dataset, [*counter.hooks(), ("on_train_start", spy), ("on_train_batch_end", after_batch)],
+        tmp_path, yolo_dataset,
+        [*counter.hooks(), ("on_train_start", lrs.on_train_start), ("on_train_batch_end", after_batch)],
         warmup_epochs=1, epochs=2,
     )
     row = incident(save_dir, "nonfinite_loss")
