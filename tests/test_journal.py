@@ -3,17 +3,20 @@ so a process killed right after it loses nothing; escalation ends in a stop with
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 import nanguard
 from nanguard.errors import ExitCode
-from nanguard.journal import journal_path, read_actions
+from nanguard.journal import journal_path, read_actions, read_metrics
 from tests.training import make_setup, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,3 +88,43 @@ def test_a_passed_probation_is_progress_and_resets_the_count(tmp_path: Path) -> 
     # The first rollback rewinds the step counter from 13 to 10 (this loop feeds batches itself), so
     # batches 41 and 42 are steps 37 and 38.
     assert actions == [("rollback", 13), ("probation_passed", 14), ("rollback", 38), ("probation_passed", 39)]
+
+
+def test_every_step_leaves_a_metrics_row_for_curves(tmp_path: Path) -> None:
+    """One row per step with loss, gradient norm, clip threshold, applied LR and whether the update was applied;
+    a non-finite loss is kept as NaN, not lost as NULL."""
+    setup = make_setup(steps=12, scheduler=False)
+    with nanguard.Guard(setup.model, setup.optimizer, run_dir=tmp_path,
+                        policy=nanguard.Policy(max_grad_norm=0.5)) as guard:
+        train(setup, guard, poison_input=[4])
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(12))
+    assert [r["batch_index"] for r in rows] == list(range(12))
+    assert [r["applied"] for r in rows] == [i != 4 for i in range(12)]
+    assert math.isnan(rows[4]["loss"])
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for i, r in enumerate(rows) if i != 4)
+    assert {r["clip_threshold"] for r in rows if r["applied"]} == {0.5}
+    assert rows[0]["lr"] == pytest.approx(1e-2)
+    assert [r["loss"] for r in rows if r["applied"]] == [r.loss for r in setup.results if r.applied]
+
+
+def test_metrics_show_the_rewound_steps_after_a_rollback(tmp_path: Path) -> None:
+    """After an in-process rollback the step counter rewinds: the metrics table holds both the abandoned
+    steps and their replacements, in the order they ran, with the rollback's LR back-off visible."""
+    setup = make_setup(steps=20, scheduler=False)
+    policy = nanguard.Policy(check_every_steps=5)
+
+    def poison_weight(i: int, s: Any) -> None:
+        with torch.no_grad():
+            next(s.model.parameters())[0, 0] = float("nan")
+
+    with nanguard.Guard(setup.model, setup.optimizer, run_dir=tmp_path, policy=policy) as guard:
+        train(setup, guard, before_forward={12: poison_weight})
+    steps = [r["step"] for r in read_metrics(tmp_path)]
+    rollback = next(a for a in read_actions(tmp_path) if a["action"] == "rollback")
+    to_step = rollback["detail"]["to_step"]
+    assert to_step <= 12 < rollback["step"] + 1
+    assert steps[: rollback["step"] + 1] == list(range(rollback["step"] + 1))
+    assert steps[rollback["step"] + 1] == to_step  # the next row is the first replayed step
+    replayed = read_metrics(tmp_path)[rollback["step"] + 1:]
+    assert replayed[0]["lr"] == pytest.approx(1e-2 * rollback["detail"]["lr_factor"])

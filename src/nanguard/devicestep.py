@@ -171,6 +171,9 @@ class DeviceStep:
         for values, (step, epoch, batch_index, sample_ids) in zip(rows, positions, strict=True):
             row = dict(zip(_COLUMNS, values, strict=True))
             findings = self._row_findings(row)
+            # The LR of a step already gone by is not known here (a scheduler may have moved it): left out.
+            guard.note_metrics(_Seen(step, epoch, batch_index, row["loss"], row["grad_norm"]), applied=bool(row["ok"]),
+                               clip_threshold=policy.max_grad_norm, lr=None)
             if findings:
                 decision = decide(policy, findings, guard.escalation, step=step)
                 done = decision

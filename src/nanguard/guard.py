@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from nanguard.checks import (
 )
 from nanguard.ema import EMAAdapter
 from nanguard.errors import TrainingStopped
-from nanguard.journal import IncidentRecord, Journal
+from nanguard.journal import IncidentRecord, Journal, MetricRecord
 from nanguard.policy import Action, Decision, Escalation, LRBackoff, Policy, decide
 from nanguard.snapshot import Stateful
 
@@ -53,6 +54,11 @@ if TYPE_CHECKING:
     from nanguard.data import Batch
 
 log = logging.getLogger(__name__)
+
+METRICS_FLUSH_ROWS = 512
+"""Per-step metrics are written to the journal in batches of this many rows (one transaction, one fsync) ..."""
+METRICS_FLUSH_SECONDS = 15.0
+"""... or when this much time passed since the last batch, so ``nanguard status`` stays current on slow steps."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,8 @@ class Guard:
         self.recovery.snapshot(0)
         self._rollback_requested: str | None = None
         self._closed = False
+        self._metrics: list[MetricRecord] = []
+        self._metrics_written_at = time.monotonic()
 
     # ------------------------------------------------------------------ the loop's data
     def batches(self, loader: Any, *, epochs: int | None = None) -> Iterator[Batch]:
@@ -257,6 +265,7 @@ class Guard:
             if grads_ok:
                 self.grad_stats.observe(norm_v, cap=grad_thr)
         seen = _Seen(step, self.epoch, self.batch_index, loss_v, norm_v, sample_ids)
+        self.note_metrics(seen, clip_threshold=decision.clip_to, lr=self._applied_lr(step), applied=applied)
         late = self._conclude(seen, decision, findings, applied=applied)
         if late:  # the periodic check at the end of this step found contaminated state and rolled back
             return StepResult(step, Action.ROLLBACK, False, loss_v, norm_v, (*findings, *late))
@@ -299,6 +308,7 @@ class Guard:
         return dirty
 
     def _roll_back_or_stop(self, step: int, decision: Decision) -> None:
+        self._write_metrics()  # the curve up to the rollback is on disk before the steps are rewound
         if decision.action is Action.STOP:
             self.journal.record_action(self.run_id, step=step, action="stop", reason=decision.reason, detail={})
             self.close(status="stopped")
@@ -360,6 +370,14 @@ class Guard:
             group["lr"] = group["lr"] * scale
         return saved
 
+    def _applied_lr(self, step: int) -> float | None:
+        # A Python number read from the param group, times the back-off scale: no device sync. A tensor LR
+        # (capturable optimizers) is left out rather than read from the device.
+        lr = self.optimizer.param_groups[0].get("lr")
+        if isinstance(lr, Tensor):
+            lr = lr.item() if lr.device.type == "cpu" else None
+        return None if lr is None else float(lr) * self.lr_backoff.scale(step)
+
     def _restore_lr(self, saved: list[Any] | None) -> None:
         if saved is not None:
             for group, lr in zip(self.optimizer.param_groups, saved, strict=True):
@@ -412,6 +430,21 @@ class Guard:
                 detail={"factor": self.policy.lr_backoff_factor, "probation_steps": self.policy.lr_probation_steps,
                         "recovery_steps": self.policy.lr_recovery_steps},
             )
+
+    def note_metrics(self, seen: _Seen, *, clip_threshold: float | None, lr: float | None, applied: bool) -> None:
+        """Buffer what one step measured; the buffer goes to the journal's ``metrics`` table in batches."""
+        self._metrics.append(MetricRecord(
+            step=seen.step, epoch=seen.epoch, batch_index=seen.batch_index, loss=seen.loss, grad_norm=seen.grad_norm,
+            clip_threshold=clip_threshold, lr=lr, applied=applied, wall_time=time.time()))
+        if (len(self._metrics) >= METRICS_FLUSH_ROWS
+                or time.monotonic() - self._metrics_written_at >= METRICS_FLUSH_SECONDS):
+            self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        rows, self._metrics = self._metrics, []
+        self._metrics_written_at = time.monotonic()
+        if rows:
+            self.journal.record_metrics(self.run_id, rows)
 
     def report(self) -> list[str]:
         """One line per incident of this process, oldest first."""
@@ -513,6 +546,7 @@ class Guard:
         self._closed = True
         if self._device_mode is not None and status == "finished":
             self._device_mode.flush()
+        self._write_metrics()
         self.journal.end_run(self.run_id, status)
         self.journal.close()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
-"""Bumped only for changes an older nanguard cannot read. New tables (``checkpoints``, ``snapshots``) and
+"""Bumped only for changes an older nanguard cannot read. New tables (``checkpoints``, ``snapshots``, ``metrics``) and
 new columns (``incidents.rolled_back``) are additive: created on open (see :data:`_ADDED_COLUMNS`), ignored
 by older readers, so the version stays 1."""
 JOURNAL_DIR = ".nanguard"
@@ -91,6 +91,22 @@ CREATE TABLE IF NOT EXISTS snapshots (
     wall_time REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS snapshots_by_step ON snapshots(run_id, step);
+CREATE TABLE IF NOT EXISTS metrics (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    step INTEGER NOT NULL,            -- repeats after an in-process rollback rewinds the step counter
+    epoch INTEGER,
+    batch_index INTEGER,
+    loss REAL,                        -- NULL when non-finite; see loss_text
+    loss_text TEXT,
+    grad_norm REAL,
+    grad_norm_text TEXT,
+    clip_threshold REAL,              -- the norm the gradients were clipped to, NULL when not clipped
+    lr REAL,                          -- the first param group's LR as applied (after back-off), NULL when unknown
+    applied INTEGER NOT NULL,         -- 1 when the update was applied
+    wall_time REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS metrics_by_step ON metrics(run_id, step);
 """
 
 _ADDED_COLUMNS = (("incidents", "rolled_back", "INTEGER NOT NULL DEFAULT 0"),)
@@ -117,6 +133,21 @@ class IncidentRecord:
     value: float | None = None
     threshold: float | None = None
     tensors: Sequence[str] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class MetricRecord:
+    """What one step measured, for curves (``nanguard report``) and progress (``nanguard status``)."""
+
+    step: int
+    epoch: int | None
+    batch_index: int | None
+    loss: float | None
+    grad_norm: float | None
+    clip_threshold: float | None
+    lr: float | None
+    applied: bool
+    wall_time: float
 
 
 @dataclass(frozen=True)

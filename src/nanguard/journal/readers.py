@@ -66,6 +66,32 @@ def read_snapshots(run_dir: str | Path) -> list[dict[str, Any]]:
     return [_snapshot_dict(dict(row)) for row in _rows(run_dir, "snapshots")]
 
 
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every per-step metrics row of a run folder in the order written (``applied`` a bool, non-finite
+    losses and norms given back as floats). Steps repeat after an in-process rollback; a journal written
+    before the ``metrics`` table existed gives ``[]``."""
+    out = []
+    for row in _rows(run_dir, "metrics"):
+        item = _with_nonfinite(dict(row))
+        item["applied"] = bool(item["applied"])
+        out.append(item)
+    return out
+
+
+def read_runs(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every process that wrote to the journal (``runs`` rows), oldest first, ``policy`` decoded."""
+    return [{**dict(row), "policy": json.loads(row["policy"])} for row in _rows(run_dir, "runs")]
+
+
+def _with_nonfinite(out: dict[str, Any]) -> dict[str, Any]:
+    # SQLite stores NaN as NULL, so the writer keeps non-finite values as text beside a NULL number.
+    for key in ("loss", "grad_norm"):
+        text = out.pop(f"{key}_text")
+        if text is not None:
+            out[key] = float(text)
+    return out
+
+
 def _snapshot_dict(out: dict[str, Any]) -> dict[str, Any]:
     for key in ("clean", "pinned", "deleted"):
         out[key] = bool(out[key])
@@ -81,11 +107,7 @@ def _checkpoint_dict(out: dict[str, Any]) -> dict[str, Any]:
 
 
 def _incident_dict(row: sqlite3.Row) -> dict[str, Any]:
-    out = dict(row)
-    for key in ("loss", "grad_norm"):
-        text = out.pop(f"{key}_text")
-        if text is not None:
-            out[key] = float(text)
+    out = _with_nonfinite(dict(row))
     out["sample_ids"] = None if out["sample_ids"] is None else json.loads(out["sample_ids"])
     out["tensors"] = json.loads(out["tensors"])
     # A journal opened only read-only since before the column existed has no such column: not rolled back.

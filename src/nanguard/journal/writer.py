@@ -8,7 +8,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from nanguard.journal.base import (
     SCHEMA_VERSION,
     CheckpointRecord,
     IncidentRecord,
+    MetricRecord,
     journal_path,
 )
 from nanguard.journal.readers import _checkpoint_dict, _snapshot_dict
@@ -97,6 +98,24 @@ class Journal:
             ),
         )
         return int(cursor.lastrowid or 0)
+
+    def record_metrics(self, run_id: int, records: Sequence[MetricRecord]) -> None:
+        """Store a batch of per-step metrics in one transaction (one fsync for the whole batch)."""
+        rows = []
+        for r in records:
+            loss, loss_text = _finite_or_text(r.loss)
+            norm, norm_text = _finite_or_text(r.grad_norm)
+            rows.append((run_id, r.step, r.epoch, r.batch_index, loss, loss_text, norm, norm_text,
+                         r.clip_threshold, r.lr, int(r.applied), r.wall_time))
+        if not rows:
+            return
+
+        def insert() -> None:
+            self._db.executemany(
+                "INSERT INTO metrics (run_id, step, epoch, batch_index, loss, loss_text, grad_norm, grad_norm_text,"
+                " clip_threshold, lr, applied, wall_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+        self._transaction(insert)
 
     def record_action(self, run_id: int, *, step: int, action: str, reason: str, detail: dict[str, Any]) -> int:
         cursor = self._write(
