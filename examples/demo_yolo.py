@@ -146,7 +146,7 @@ def poison_next_gradient(param: torch.nn.Parameter) -> None:
     def poison(grad: torch.Tensor) -> torch.Tensor:
         handle.remove()
         grad = grad.clone()
-        grad.view(-1)[0] = NAN
+        grad[(0,) * grad.dim()] = NAN  # by index, not view(-1): on CUDA the gradient may be channels-last
         return grad
 
     handle = param.register_hook(poison)
@@ -199,7 +199,8 @@ class FaultInjector:
         self.batch_times.append(time.perf_counter() - self._t0)
         for fault in self._due(trainer, "weight"):
             with torch.no_grad():
-                self._params(trainer)[fault.param].view(-1)[0] = NAN
+                param = self._params(trainer)[fault.param]
+                param[(0,) * param.dim()] = NAN
             self.injected.append(fault)
 
 
@@ -248,8 +249,10 @@ def demo_policy() -> Any:
 
 
 def train(project: Path, data: Path, name: str, *, guarded: bool, faults: list[Fault], epochs: int,
-          quiet: bool = True, policy: Any = None) -> RunResult:
-    """One YOLO11n training, guarded or not, with ``faults`` injected; never raises on a training failure."""
+          quiet: bool = True, policy: Any = None, device: str = "cpu", imgsz: int = IMGSZ, batch: int = BATCH,
+          amp: bool = False) -> RunResult:
+    """One YOLO11n training, guarded or not, with ``faults`` injected; never raises on a training failure.
+    ``device``, ``imgsz``, ``batch`` and ``amp`` are the demo's CPU settings unless a benchmark asks otherwise."""
     from ultralytics import YOLO
     from ultralytics.utils import LOGGER
 
@@ -270,8 +273,8 @@ def train(project: Path, data: Path, name: str, *, guarded: bool, faults: list[F
     start = time.perf_counter()
     try:
         model.train(
-            data=str(data), epochs=epochs, imgsz=IMGSZ, batch=BATCH, nbs=BATCH, warmup_epochs=0, workers=0,
-            device="cpu", amp=False, plots=False, save_period=1, project=str(project), name=name, exist_ok=True,
+            data=str(data), epochs=epochs, imgsz=imgsz, batch=batch, nbs=batch, warmup_epochs=0, workers=0,
+            device=device, amp=amp, plots=False, save_period=1, project=str(project), name=name, exist_ok=True,
             seed=SEED, deterministic=False, mosaic=0.0, val=True, verbose=False,
         )
     except RuntimeError as exc:

@@ -210,3 +210,31 @@ def test_a_skip_under_grad_scaler_leaves_the_scaler_exactly_as_it_was(tmp_path: 
     assert after[4] != before[4]  # an applied step moves the growth tracker
     rows = [(r["kind"], r["step"], r["action"]) for r in nanguard.read_incidents(tmp_path)]
     assert rows == [("nonfinite_loss", 5, "skip")]
+
+
+def test_healthy_steps_under_a_grad_scaler_equal_the_plain_scaler_loop(tmp_path: Path) -> None:
+    """The guard steps the optimizer itself when every gradient is finite (no second read of found_inf), and
+    still ends bit for bit where the textbook unscale_ / clip / scaler.step / scaler.update loop ends,
+    the scaler's growth included."""
+    states = []
+    scales = []
+    for guarded_run in (False, True):
+        setup = make_setup(scheduler=False)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=3)
+        guard = (nanguard.Guard(setup.model, setup.optimizer, run_dir=tmp_path / "g", scaler=scaler,
+                                policy=nanguard.Policy(max_grad_norm=1.0)) if guarded_run else None)
+        for x, y, _ in setup.batches[:10]:
+            loss = nn.functional.cross_entropy(setup.model(x), y)
+            scaler.scale(loss).backward()
+            if guard is not None:
+                assert guard.step(loss).applied
+                continue
+            scaler.unscale_(setup.optimizer)
+            torch.nn.utils.clip_grad_norm_(setup.model.parameters(), 1.0)
+            scaler.step(setup.optimizer)
+            scaler.update()
+            setup.optimizer.zero_grad(set_to_none=True)
+        states.append(state_of(setup))
+        scales.append(scaler.get_scale())
+    assert_same_state(states[1], states[0])
+    assert scales[1] == scales[0] == 2.0**11  # grew three times in ten healthy steps

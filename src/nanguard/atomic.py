@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -56,6 +57,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically (see :func:`atomic_replace`)."""
     with atomic_replace(path) as tmp:
         tmp.write_bytes(data)
+
+
+def atomic_link(source: str | Path, path: str | Path) -> None:
+    """Make ``path`` a hard link to ``source`` atomically: link under a temp name in ``path``'s folder, rename
+    it over ``path``, fsync the folder. Both names then share one file, which is safe only for files that are
+    always replaced by rename (as :func:`atomic_replace` does), never rewritten in place. Raises ``OSError``
+    where hard links are not possible (another file system), so the caller can copy instead."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    tmp = folder / f".{path.name}.{secrets.token_hex(6)}.link"
+    os.link(source, tmp)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(folder)
 
 
 def atomic_copy(source: str | Path, path: str | Path) -> None:

@@ -164,6 +164,8 @@ class Guard:
         self.recovery.snapshot(0)
         self._rollback_requested: str | None = None
         self._closed = False
+        self.checked_since_last_step = True
+        """Whether :meth:`check_state` ran after the last step: an integration's epoch-end check skips a repeat."""
         self._metrics: list[MetricRecord] = []
         self._metrics_written_at = time.monotonic()
 
@@ -220,6 +222,7 @@ class Guard:
             epoch, batch_index = current.epoch, current.index
             sample_ids = current.sample_ids if sample_ids is None else sample_ids
         self._advance_position(epoch, batch_index)
+        self.checked_since_last_step = False
         step = self.step_count
         self.step_count = step + 1  # the next step, unless a rollback rewinds it
         if self._device_mode is not None and self._device_mode.ready():
@@ -298,6 +301,7 @@ class Guard:
         """The periodic check at the end of ``step``: scan weights, buffers, EMA and optimizer state; keep
         a snapshot when clean, roll back (or stop) when not. Returns what the scan found."""
         dirty = self.scan_state()
+        self.checked_since_last_step = True  # clean now, or about to be rolled back to a clean snapshot
         if not dirty:
             self.recovery.snapshot(step + 1)
             self.escalation.note_clean_check()
@@ -344,7 +348,14 @@ class Guard:
     def _apply_update(self, step: int, grads_ok: bool) -> bool:
         saved_lrs = self._scale_lr(self.lr_backoff.scale(step))
         try:
-            if self.scaler is not None:
+            if self.scaler is not None and grads_ok:
+                # unscale_ already recorded this step's found_inf and the host read showed every gradient
+                # finite (a finite norm has no NaN/Inf element), so GradScaler.step would only read found_inf
+                # back — a second device sync per step — and then call optimizer.step(): do that directly.
+                # update() reads the recorded found_inf (zero) as usual.
+                self.optimizer.step()
+                self.scaler.update()
+            elif self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:

@@ -29,13 +29,14 @@ def test_sync_free_steps_make_no_host_sync(tmp_path: Path, optimizer: str) -> No
                            policy=nanguard.Policy(sync_free=True, check_every_steps=check_every, max_grad_norm=5.0))
     x = torch.randn(32, 64, device=device)
     y = torch.randint(0, 10, (32,), device=device)
+    bad = x.clone()
+    bad[0, 0] = float("nan")  # a real bad sample, made before the checked steps (a host write syncs)
     for step in range(3 * check_every + 1):
-        flushing = step == 0 or (step % check_every) == 0  # the eager first step and each flush may sync
+        # The eager first step, and the flush at the end of every check_every-th step, may sync.
+        flushing = step == 0 or (step + 1) % check_every == 0
         torch.cuda.set_sync_debug_mode("default" if flushing else "error")
         try:
-            inputs = x.clone()
-            if step == 13:
-                inputs[0, 0] = float("nan")  # a real bad sample, skipped on the device
+            inputs = bad if step == 13 else x  # the bad sample is skipped on the device
             loss = nn.functional.cross_entropy(model(inputs), y)
             loss.backward()
             guard.step(loss)

@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from nanguard.atomic import atomic_copy
+from nanguard.atomic import atomic_copy, atomic_link
 from nanguard.ckpt import Status, Verdict, audit
 from nanguard.guard import Guard, StepResult
 from nanguard.journal import CheckpointRecord, file_digest
@@ -198,6 +198,7 @@ class UltralyticsGuard:
         self.results, self.verdicts = [], []
         self._batch_index, self._pending_files, self._audited, self._finished = -1, [], {}, False
         self._verdicts_by_digest: dict[str, Verdict] = {}
+        self._pins: dict[str, str] = {}  # role -> sha256 of the pinned copy
         if getattr(trainer, "world_size", 1) > 1:
             log.warning("nanguard: multi-GPU (DDP) Ultralytics training is not supported; guarding this rank only")
         scaler = getattr(trainer, "scaler", None)
@@ -246,8 +247,10 @@ class UltralyticsGuard:
         step has shown yet) is rolled back now, so the epoch's checkpoint is written from clean state."""
         guard = self._require_guard()
         # The periodic check, at the epoch boundary: contaminated state rolls back, clean state is kept as a
-        # snapshot, so a later fault never rolls back further than one epoch (short runs included).
-        guard.check_state(max(guard.step_count - 1, 0))
+        # snapshot, so a later fault never rolls back further than one epoch (short runs included). Not
+        # twice: when the periodic check just ran at the end of the epoch's last step, nothing changed since.
+        if not guard.checked_since_last_step:
+            guard.check_state(max(guard.step_count - 1, 0))
 
     def handle_nan_recovery(self, epoch: int) -> bool:
         """Replaces Ultralytics' epoch-level recovery (reload ``last.pt``): the guard already skipped bad
@@ -258,17 +261,18 @@ class UltralyticsGuard:
         loss_nan = isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all())
         fitness = getattr(trainer, "fitness", None)
         fitness_nan = fitness is not None and not math.isfinite(float(fitness))
+        if not (loss_nan or fitness_nan):
+            # Ultralytics would not recover either; the state was checked at on_train_epoch_end, before this
+            # epoch's validation, and validation changes no weights.
+            return False
         dirty = guard.scan_state()
         if dirty:
             guard.check_state(max(guard.step_count - 1, 0))
-        clean = not dirty
-        if loss_nan or fitness_nan:
-            guard.journal.record_action(
-                guard.run_id, step=guard.step_count, action="ultralytics_recovery_replaced",
-                reason="non-finite " + " and ".join(n for n, bad in (("loss", loss_nan), ("fitness", fitness_nan))
-                                                    if bad),
-                detail={"epoch": int(epoch), "state_clean": bool(clean)},
-            )
+        guard.journal.record_action(
+            guard.run_id, step=guard.step_count, action="ultralytics_recovery_replaced",
+            reason="non-finite " + " and ".join(n for n, bad in (("loss", loss_nan), ("fitness", fitness_nan)) if bad),
+            detail={"epoch": int(epoch), "state_clean": not dirty},
+        )
         return False
 
     # ------------------------------------------------------------------ checkpoints
@@ -291,7 +295,7 @@ class UltralyticsGuard:
             verdicts.append(verdict)
             if verdict.status is Status.CLEAN:
                 if role is not None:
-                    _copy_into(path, self._pinned(role))
+                    self._pin(role, path)
             elif role is not None:
                 self._put_back(role, path, verdict)
             else:
@@ -332,6 +336,25 @@ class UltralyticsGuard:
             epoch=None if verdict.epoch is None else float(verdict.epoch), step=verdict.step,
             findings=findings, mtime=mtime,
         ))
+
+    def _pin(self, role: str, path: Path) -> None:
+        """Keep a clean ``last``/``best`` in ``.nanguard/``. Ultralytics writes the same bytes to ``best.pt`` as to
+        ``last.pt`` when fitness improved: the pinned best is then a hard link to the pinned last, one copy (and
+        one fsync) fewer per epoch. Safe because every pin is replaced by rename, never rewritten in place."""
+        pinned = self._pinned(role)
+        digest = self._audited.get(str(path))
+        for other_role, other in self._pins.items():
+            if other_role != role and digest is not None and other == digest:
+                source = self._pinned(other_role)
+                try:
+                    atomic_link(source, pinned)
+                except OSError:  # a file system without hard links: copy
+                    break
+                self._pins[role] = digest
+                return
+        _copy_into(path, pinned)
+        if digest is not None:
+            self._pins[role] = digest
 
     def _pinned(self, role: str) -> Path:
         return Path(self.trainer.save_dir) / PINNED_DIR / f"{role}.pt"
