@@ -79,6 +79,20 @@ class Policy:
     sync_free: bool = False
     """GPU mode: no host-device synchronisation per step. Flags are kept on the device and read every
     ``check_every_steps`` steps or on :meth:`Guard.flush`; the update is masked on the device."""
+    supervise_nan_lines: int = 3
+    """``nanguard run``: stop the command after this many consecutive progress lines with a non-finite loss."""
+    supervise_stall_minutes: float = 30.0
+    """``nanguard run``: stop the command after this many minutes without any output (fractions allowed)."""
+    supervise_grace_seconds: float = 30.0
+    """``nanguard run``: seconds between SIGTERM to the command's process group and SIGKILL."""
+    supervise_max_restarts: int = 3
+    """``nanguard run``: restarts allowed; a trigger after the last one ends it with exit 4."""
+    supervise_backoff_seconds: float = 5.0
+    """``nanguard run``: wait before the first restart; each further one waits twice as long ..."""
+    supervise_backoff_max_seconds: float = 300.0
+    """... but never longer than this."""
+    supervise_lr_scale: float | None = None
+    """``nanguard run``: multiply ``lr0`` in the rolled-back Ultralytics ``last.pt`` by this; ``None`` keeps it."""
 
     def __post_init__(self) -> None:
         for name in ("check_every_steps", "spike_warmup_steps", "max_skips_in_window", "skip_window_steps",
@@ -107,6 +121,13 @@ class Policy:
             _require_choice("lr_backoff_on", item, _BACKOFF_TRIGGERS)
         if not isinstance(self.sync_free, bool):
             raise PolicyError(f"sync_free must be true or false, got {self.sync_free!r}")
+        _require_int("supervise_nan_lines", self.supervise_nan_lines, minimum=1)
+        _require_int("supervise_max_restarts", self.supervise_max_restarts, minimum=0)
+        _require_positive(self, "supervise_stall_minutes")
+        for name in ("supervise_grace_seconds", "supervise_backoff_seconds", "supervise_backoff_max_seconds"):
+            _require_non_negative(self, name)
+        if self.supervise_lr_scale is not None:
+            _require_positive(self, "supervise_lr_scale")
 
     def to_dict(self) -> dict[str, Any]:
         """The policy as plain values (for the journal and for TOML)."""
@@ -167,6 +188,12 @@ def _require_positive(policy: Policy, name: str) -> None:
     value = getattr(policy, name)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise PolicyError(f"{name} must be a positive number, got {value!r}")
+
+
+def _require_non_negative(policy: Policy, name: str) -> None:
+    value = getattr(policy, name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise PolicyError(f"{name} must be a number >= 0, got {value!r}")
 
 
 def _require_fraction(policy: Policy, name: str, *, allow_one: bool = False) -> None:
