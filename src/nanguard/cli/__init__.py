@@ -10,9 +10,12 @@ This module owns the ``app``, ``--version``/``--debug``, :data:`EXIT_CODE_MEANIN
 aliases (``RunDir``, ``JsonFlag``) and :func:`main`. The commands live in:
 
 - ``journal_commands.py``: ``incidents``;
+- ``log_commands.py``: ``scan-log``;
 - ``checkpoint_commands.py``: ``audit``, ``inspect``;
 - ``run_commands.py``: ``rollback``, ``undo``;
 - ``yolo_command.py``: ``yolo``;
+- ``report_commands.py``: ``status``, ``report``, ``plan``;
+- ``supervise_command.py``: ``run`` (a training command supervised from outside);
 - ``output.py``: printing (:func:`~nanguard.cli.output._emit`) and the table cells commands share.
 
 ``nanguard --help`` and the journal commands never import torch: the package imports only the journal and
@@ -37,10 +40,11 @@ from nanguard.errors import ExitCode, NanguardError
 
 EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.OK: "success; for audit, every checkpoint is clean",
-    ExitCode.DIRTY: "a checkpoint holds non-finite or scrubbed values",
+    ExitCode.DIRTY: ("non-finite values found: a checkpoint holds non-finite or scrubbed values (audit), "
+                     "a log shows NaN/Inf (scan-log)"),
     ExitCode.BAD_INPUT: "a missing or unreadable file or journal, a bad policy file, a bad option",
     ExitCode.UNSAFE: "a checkpoint would run code (globals outside the allowlist)",
-    ExitCode.STOPPED: "the guard stopped training: the policy's escalation limits were reached",
+    ExitCode.STOPPED: "stopped: the guard reached the policy's escalation limits; for run, the restart budget is spent",
     ExitCode.LOCKED: "another nanguard process holds the run's lock (.nanguard/lock); nothing was changed",
 }
 """What each exit status means, for ``--help`` and docs/cli.md (a test keeps all three in step)."""
@@ -130,6 +134,7 @@ def main() -> None:
 # must not sort it.
 # isort: off
 from nanguard.cli.journal_commands import incidents  # noqa: E402
+from nanguard.cli.log_commands import scan_log  # noqa: E402
 from nanguard.cli.checkpoint_commands import (  # noqa: E402
     AUDIT_PRECEDENCE,
     CheckpointPaths,
@@ -139,6 +144,8 @@ from nanguard.cli.checkpoint_commands import (  # noqa: E402
 )
 from nanguard.cli.run_commands import YoloRunDir, rollback, undo  # noqa: E402
 from nanguard.cli.yolo_command import YOLO_SPECIAL_COMMANDS, YoloArgumentError, yolo  # noqa: E402
+from nanguard.cli.supervise_command import run  # noqa: E402
+from nanguard.cli.report_commands import plan, report, status  # noqa: E402
 from nanguard.cli.output import LIST_CELL_ITEMS, PIPE_WIDTH  # noqa: E402
 # isort: on
 
@@ -159,7 +166,12 @@ __all__ = [
     "incidents",
     "inspect",
     "main",
+    "plan",
+    "report",
     "rollback",
+    "run",
+    "scan_log",
+    "status",
     "undo",
     "yolo",
 ]
