@@ -46,7 +46,8 @@ class NanWeight:
 
         if (trainer.epoch, self.batch_index) == (FAULT_EPOCH, FAULT_BATCH):
             with torch.no_grad():
-                next(trainer.model.parameters()).view(-1)[0] = float("nan")
+                weight = next(trainer.model.parameters())
+                weight[(0,) * weight.dim()] = float("nan")  # by index: on CUDA it may be channels-last
 
 
 def train(work: Path) -> Path:

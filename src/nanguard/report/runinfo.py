@@ -12,7 +12,6 @@ supervisor's file or processes (:mod:`~nanguard.report.processes`); it renders n
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 import time
@@ -21,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanguard.errors import JournalError
 from nanguard.journal import read_actions, read_checkpoints, read_incidents, read_metrics, read_runs
 from nanguard.report.processes import ProcessState, SupervisorState, probe, read_supervisor, timestamp
 from nanguard.report.timing import (
@@ -33,8 +31,9 @@ from nanguard.report.timing import (
     epoch_times,
     median_epoch_seconds,
 )
+from nanguard.runs.base import RESULTS_CSV
+from nanguard.runs.results_csv import read_results
 
-RESULTS_CSV = "results.csv"
 ARGS_YAML = "args.yaml"
 PROBATION_EVENTS = ("probation_passed", "probation_failed")
 _EPOCHS_LINE = re.compile(r"^epochs:\s*(\d+)\s*$", re.MULTILINE)
@@ -178,25 +177,6 @@ def gather_run(
     )
 
 
-def read_results(path: Path) -> list[dict[str, float | None]]:
-    """The rows of an Ultralytics results.csv as ``{column: number}`` (header names stripped, as 8.3.0 padded
-    them; ``nan`` kept as NaN; an unreadable cell None), in file order; ``[]`` when there is no file."""
-    if not path.is_file():
-        return []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise JournalError(f"{path}: cannot read ({err})") from None
-    reader = csv.reader(lines)
-    header = [name.strip() for name in next(reader, [])]
-    rows = []
-    for cells in reader:
-        if not any(cell.strip() for cell in cells):
-            continue
-        rows.append({name: _number(cell) for name, cell in zip(header, cells, strict=False)})
-    return rows
-
-
 def last_clean_checkpoint(checkpoints: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The newest checkpoint whose latest audit is clean and untainted and whose file is still the audited one
     (same size and mtime): resumable ones (epoch ≥ 0) first, then the newest epoch, an ``epochN`` file at a tie."""
@@ -230,13 +210,6 @@ def last_clean_checkpoint(checkpoints: list[dict[str, Any]]) -> dict[str, Any] |
     best = max(usable, key=rank)
     return {"path": best["path"], "epoch": best.get("epoch"), "sha256": best.get("sha256"),
             "audited_at": best["wall_time"], "resumable": rank(best)[0]}
-
-
-def _number(text: str) -> float | None:
-    try:
-        return float(text.strip())
-    except ValueError:
-        return None
 
 
 def _state(latest: dict[str, Any] | None, processes: list[ProcessState], supervisor: SupervisorState) -> str:

@@ -1,4 +1,5 @@
-"""results_csv.py owns trimming an Ultralytics ``results.csv`` back to a rolled-back epoch.
+"""results_csv.py owns reading an Ultralytics ``results.csv`` (:func:`read_results`, for ``nanguard status`` and
+``report``) and trimming it back to a rolled-back epoch.
 
 results.csv numbers epochs from 1, so a checkpoint of 0-based epoch index E goes with rows ``1 … E+1``.
 :func:`trim_results` works on text and :func:`trim_counts` on a file, and neither writes anything:
@@ -11,7 +12,27 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from nanguard.errors import JournalError
 from nanguard.runs.base import as_int
+
+
+def read_results(path: Path) -> list[dict[str, float | None]]:
+    """The rows of an Ultralytics results.csv as ``{column: number}`` (header names stripped, as 8.3.0 padded
+    them; ``nan`` kept as NaN; an unreadable cell None), in file order; ``[]`` when there is no file."""
+    if not path.is_file():
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise JournalError(f"{path}: cannot read ({err})") from None
+    reader = csv.reader(lines)
+    header = [name.strip() for name in next(reader, [])]
+    rows = []
+    for cells in reader:
+        if not any(cell.strip() for cell in cells):
+            continue
+        rows.append({name: _number(cell) for name, cell in zip(header, cells, strict=False)})
+    return rows
 
 
 def trim_results(text: str, target_epoch: int) -> tuple[str, int, int]:
