@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from nanguard.atomic import atomic_write_bytes, remove_durably
+from nanguard.errors import JournalError
 from nanguard.journal import JOURNAL_DIR, journal_path, read_actions
 from nanguard.runs.base import RollbackRefused
 from nanguard.runs.lock import utc_now
@@ -84,7 +85,11 @@ def committed(run: Path, action: str, intent_id: str) -> bool:
     """Whether the journal holds the ``action`` row of intent ``intent_id`` (the command's commit point)."""
     if not journal_path(run).is_file():
         return False
+    try:
+        rows = read_actions(run)
+    except JournalError:  # a journal a kill left half-created holds no row at all
+        return False
     return any(row["action"] == action and isinstance(row["detail"], dict) and row["detail"].get("intent") == intent_id
-               for row in read_actions(run))
+               for row in rows)
 
 
