@@ -375,4 +375,8 @@ def test_dry_run_fails_exactly_where_the_real_rollback_fails_on_an_unusable_jour
     real = runner.invoke(app, ["rollback", str(run), "--to", "epoch 1"])
     assert_one_line_error(real, ExitCode.BAD_INPUT, "journal schema version 99")
     assert (dry.exit_code, dry.stderr) == (real.exit_code, real.stderr)
-    assert tree_hashes(run) == before
+
+    def files(hashes: dict[str, str]) -> dict[str, str]:  # SQLite's own -wal/-shm index files aside
+        return {k: v for k, v in hashes.items() if not k.endswith(("-wal", "-shm"))}
+
+    assert files(tree_hashes(run)) == files(before)
