@@ -415,3 +415,69 @@ def test_opening_a_journal_without_the_rolled_back_column_adds_it(tmp_path: Path
     journal.close()
     assert [i["rolled_back"] for i in read_incidents(tmp_path)] == [True]
     Journal(tmp_path).close()  # opening an upgraded journal again changes nothing
+
+
+GUARDED_CHILD = """
+import sys, time
+import torch
+import nanguard
+model = torch.nn.Linear(2, 1)
+guard = nanguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=sys.argv[1],
+                       policy=nanguard.Policy(check_every_steps=1, disk_snapshot_every_steps=1))
+for _ in range(4):
+    loss = model(torch.ones(1, 2)).sum()
+    loss.backward()
+    guard.step(loss)
+print("ready", flush=True)
+if sys.argv[2] == "hold":
+    time.sleep(120)
+guard.close()
+"""
+
+
+def _guard(run_dir: Path) -> Any:
+    import nanguard
+
+    model = nn.Linear(2, 1)
+    return nanguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=run_dir,
+                          policy=nanguard.Policy(disk_snapshot_every_steps=1))
+
+
+@pytest.mark.slow
+def test_a_second_guard_writing_snapshots_into_the_same_run_dir_is_refused_until_the_first_dies(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from nanguard.errors import ExitCode
+    from nanguard.journal import read_runs
+    from nanguard.runs import RunLocked
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", GUARDED_CHILD, str(tmp_path), "hold"], stdout=subprocess.PIPE,
+                             env=env)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+        runs, files = len(read_runs(tmp_path)), snapshot_files(tmp_path)
+        assert files  # the child wrote snapshots
+        with pytest.raises(RunLocked, match=f"guard.lock: .*pid {child.pid}") as refused:
+            _guard(tmp_path)
+        assert refused.value.exit_code == ExitCode.LOCKED and "\n" not in str(refused.value)
+        assert (len(read_runs(tmp_path)), snapshot_files(tmp_path)) == (runs, files)  # refused before writing
+        live = [row for row in read_snapshots(tmp_path) if not row["deleted"]]
+        assert all(file_sha(tmp_path / row["path"]) == row["sha256"] for row in live)
+    finally:
+        child.kill()
+        child.wait()
+    first = _guard(tmp_path)  # the dead holder's lock is gone with it
+    with pytest.raises(RunLocked):
+        _guard(tmp_path)  # a second Guard of the same process too
+    first.close()
+    _guard(tmp_path).close()
+
+
+def file_sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -367,3 +367,16 @@ def test_checkpoint_dir_gives_the_newest_clean_checkpoint_to_the_resume_command(
     clean.unlink()
     again = prepare_restart(config)
     assert (again.command, again.checkpoint, again.original) == ([PY, "train.py"], None, True)
+
+
+@pytest.mark.slow
+def test_a_guarded_child_writing_snapshots_is_not_refused_by_its_own_supervisor(tmp_path: Path) -> None:
+    """The supervisor holds the run lock, its guarded child the Guard lock: they do not refuse each other."""
+    from tests.test_snapshot import GUARDED_CHILD
+
+    run_dir = tmp_path / "run"
+    script = _script(tmp_path, "guarded", GUARDED_CHILD)
+    with supervisor(run_dir, "--", PY, str(script), str(run_dir), "exit") as proc:
+        assert proc.wait(timeout=120) == 0, _stderr(run_dir)
+    assert read_status(run_dir)["state"] == "finished"  # type: ignore[index]
+    assert list((run_dir / ".nanguard" / "snapshots").glob("*.pt"))

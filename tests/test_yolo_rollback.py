@@ -10,6 +10,11 @@ import csv
 import hashlib
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,7 @@ from nanguard.errors import ExitCode
 from nanguard.journal import read_actions
 from nanguard.runs import RollbackRefused, RunLocked, plan_rollback, run_lock
 from nanguard.runs.results_csv import trim_results
+from tests.cli_checks import assert_one_line_error
 from tests.conftest import copy_tree
 
 runner = CliRunner()
@@ -145,7 +151,7 @@ def test_a_held_lock_refuses_a_second_rollback(run: Path) -> None:
     with run_lock(run, "rollback"):
         result = runner.invoke(app, ["rollback", str(run), "--to", "epoch 1"])
         assert result.exit_code == int(ExitCode.LOCKED) == 5, result.output
-        assert "locked by pid" in result.stderr
+        assert "held by pid" in result.stderr
         with pytest.raises(RunLocked):
             run_lock(run, "again").__enter__()
     assert {k: v for k, v in tree_hashes(run).items() if not k.startswith(".nanguard/")} == before
@@ -217,3 +223,160 @@ def test_tainted_target_needs_force(run: Path) -> None:
     assert result.exit_code == int(ExitCode.DIRTY), result.output
     assert "tainted in the journal" in result.stderr
     assert plan_rollback(run, to="epoch 1", force=True).forced
+
+
+# ---- issue #10: killed commands, second writers, nothing created on failure ------------------------------
+
+PY = sys.executable
+HOLD_LOCK = """
+import sys, time
+from nanguard.runs import run_lock
+lock = run_lock(sys.argv[1], "test holder")
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def _project_hashes(run: Path) -> dict[str, str]:
+    return {k: v for k, v in tree_hashes(run).items() if not k.startswith(".nanguard/")}
+
+
+def _env() -> dict[str, str]:
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+
+
+def test_a_lock_whose_holder_was_sigkilled_blocks_nothing(run: Path) -> None:
+    holder = subprocess.Popen([PY, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE, env=_env())
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        refused = runner.invoke(app, ["undo", str(run)])
+        assert_one_line_error(refused, ExitCode.LOCKED, str(run / ".nanguard" / "lock"), f"pid {holder.pid}",
+                              "test holder")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run / ".nanguard" / "lock").exists()  # the stale file is still there, and blocks nothing
+    result = runner.invoke(app, ["rollback", str(run), "--to", "epoch 1"])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["undo", str(run)]).exit_code == 0
+
+
+def _classify(run: Path, before: dict[str, str], after: dict[str, str]) -> str:
+    """``before`` or ``rolled back`` (with its backup manifest and journal row); fails on anything else."""
+    from nanguard.journal import Journal, journal_path
+
+    if journal_path(run).is_file():
+        Journal(run).close()  # as the next command would: a kill while it was first created leaves it partial
+    assert not (run / ".nanguard" / "intent.json").exists()
+    assert not list((run / "weights").glob(".*.tmp")), "a temp file of a killed write was left"
+    now = _project_hashes(run)
+    rows = read_actions(run) if journal_path(run).is_file() else []
+    actions = [a["action"] for a in rows]
+    live = [b for b in (run / ".nanguard" / "backups").glob("*/manifest.json")
+            if not json.loads(b.read_text())["undone_at"]] if (run / ".nanguard" / "backups").is_dir() else []
+    if now == before:
+        assert "disk_rollback" not in actions and not live, actions
+        return "before"
+    assert actions.count("disk_rollback") == 1 and len(live) == 1, actions
+    written = next(a for a in rows if a["action"] == "disk_rollback")["detail"]["written"]
+    # torch.save names its archive after the temp file, so a rewritten last.pt is checked against its row.
+    assert now == {**after, **written}, "the folder is neither as before nor fully rolled back"
+    return "rolled back"
+
+
+@pytest.mark.slow
+def test_rollback_killed_at_random_moments_is_all_or_nothing_after_the_next_command(run: Path, tmp_path: Path) -> None:
+    """Real ``nanguard rollback`` processes SIGKILLed at seeded random moments of their life: each folder is as
+    before or fully rolled back (backup + journal row), at once or after the next command's recovery, and a
+    rolled-back results.csv never holds a row past the target (a resume cannot duplicate one)."""
+    import random
+
+    before = _project_hashes(run)
+    command = [PY, "-m", "nanguard", "rollback", "--to", "epoch 1", "--lr-scale", "0.5"]
+    reference = copy_tree(run, tmp_path / "reference")
+    started = time.monotonic()
+    done = subprocess.run([*command, str(reference)], env=_env(), capture_output=True)
+    duration = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    after = _project_hashes(reference)
+    rng = random.Random(10)
+    seen: dict[str, int] = {}
+    for attempt in range(12):
+        folder = copy_tree(run, tmp_path / f"try{attempt}")
+        proc = subprocess.Popen([*command, str(folder)], env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        # Kill anywhere in the command's life, most often after the lock, where the files change.
+        lock = folder / ".nanguard" / "lock"
+        if attempt % 4:
+            while proc.poll() is None and not lock.exists():
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0, 0.6))
+        else:
+            time.sleep(rng.uniform(0, duration))
+        proc.kill()
+        proc.wait()
+        pending = (folder / ".nanguard" / "intent.json").exists()
+        if pending:  # the next command reverts it, says so in one line, and then does its own job
+            again = runner.invoke(app, ["rollback", str(folder), "--to", "epoch 1", "--lr-scale", "0.5"])
+            assert again.exit_code == 0, again.output
+            assert "killed before it finished" in again.stdout or "had finished" in again.stdout, again.stdout
+            state = "recovered: " + _classify(folder, before, after)
+        else:
+            state = _classify(folder, before, after)
+        seen[state] = seen.get(state, 0) + 1
+        if state.endswith("rolled back"):
+            assert csv_epochs(folder / "results.csv") == [1, 2]
+    assert len(seen) >= 2, seen  # the kills landed in more than one phase
+
+
+def test_rollback_and_undo_are_refused_while_nanguard_run_supervises_the_folder(run: Path, tmp_path: Path) -> None:
+    script = tmp_path / "sleeper.py"
+    script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(120)\n")
+    out = (tmp_path / "run.out").open("wb")
+    proc = subprocess.Popen([PY, "-m", "nanguard", "run", "--run-dir", str(run), "--", PY, str(script)],
+                            stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while b"ready" not in (tmp_path / "run.out").read_bytes():
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "run.out").read_text()
+            time.sleep(0.05)
+        before = _project_hashes(run)
+        for args in (["rollback", str(run), "--to", "epoch 1"], ["undo", str(run)],
+                     ["rollback", str(run), "--to", "epoch 1", "--dry-run"]):
+            refused = runner.invoke(app, args)
+            assert_one_line_error(refused, ExitCode.LOCKED, f"pid {proc.pid}", "nanguard run")
+        assert _project_hashes(run) == before
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        out.close()
+    assert runner.invoke(app, ["rollback", str(run), "--to", "epoch 1"]).exit_code == 0  # free once it ended
+
+
+def test_undo_on_a_folder_that_is_not_a_run_creates_nothing(tmp_path: Path) -> None:
+    folder = tmp_path / "not-a-run"
+    folder.mkdir()
+    result = runner.invoke(app, ["undo", str(folder)])
+    assert_one_line_error(result, ExitCode.BAD_INPUT, "no backup left to undo")
+    assert list(folder.iterdir()) == []
+
+
+def test_dry_run_fails_exactly_where_the_real_rollback_fails_on_an_unusable_journal(run: Path) -> None:
+    import sqlite3
+
+    from nanguard.journal import Journal, journal_path
+
+    Journal(run).close()
+    with sqlite3.connect(journal_path(run)) as db:
+        db.execute("PRAGMA user_version=99")  # a journal from a newer nanguard
+    before = tree_hashes(run)
+    dry = runner.invoke(app, ["rollback", str(run), "--to", "epoch 1", "--dry-run"])
+    real = runner.invoke(app, ["rollback", str(run), "--to", "epoch 1"])
+    assert_one_line_error(real, ExitCode.BAD_INPUT, "journal schema version 99")
+    assert (dry.exit_code, dry.stderr) == (real.exit_code, real.stderr)
+
+    def files(hashes: dict[str, str]) -> dict[str, str]:  # SQLite's own -wal/-shm index files aside
+        return {k: v for k, v in hashes.items() if not k.endswith(("-wal", "-shm"))}
+
+    assert files(tree_hashes(run)) == files(before)

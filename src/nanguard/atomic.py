@@ -81,3 +81,11 @@ def atomic_copy(source: str | Path, path: str | Path) -> None:
     """Copy ``source`` over ``path`` (bytes, mode and times) atomically (see :func:`atomic_replace`)."""
     with atomic_replace(path) as tmp:
         shutil.copy2(source, tmp)
+
+
+def remove_durably(path: str | Path) -> None:
+    """Remove ``path`` when it is there and fsync its folder, so the removal survives a crash."""
+    path = Path(path)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    _fsync_dir(path.parent if str(path.parent) else Path("."))

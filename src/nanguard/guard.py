@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from nanguard.ema import EMAAdapter
 from nanguard.errors import TrainingStopped
 from nanguard.journal import IncidentRecord, Journal, MetricRecord
 from nanguard.policy import Action, Decision, Escalation, LRBackoff, Policy, decide
+from nanguard.runs.lock import guard_lock
 from nanguard.snapshot import Stateful
 
 if TYPE_CHECKING:
@@ -155,7 +157,19 @@ class Guard:
         if dirty:
             names = ", ".join(t for f in dirty for t in f.tensors)
             raise ValueError(f"the training state already holds non-finite values before the first step: {names}")
-        self.journal = Journal(run_dir)
+        # A Guard that writes disk snapshots is the folder's one snapshot writer: a second one (another process,
+        # or a Guard of this one not closed) is refused here, before anything is written, since their rotations
+        # would delete each other's files. Its own lock, not the run lock, so `nanguard run -- python train.py`
+        # (the supervisor holds the run lock) does not refuse its own guarded child; the kernel drops it when
+        # the process dies. See nanguard.runs.lock.
+        self._snapshot_lock = (guard_lock(run_dir, f"Guard in pid {os.getpid()} writing snapshots")
+                               if self.policy.disk_snapshot_every_steps is not None else None)
+        try:
+            self.journal = Journal(run_dir)
+        except BaseException:
+            if self._snapshot_lock is not None:
+                self._snapshot_lock.release()
+            raise
         self.run_id = self.journal.start_run(policy=self.policy.to_dict(), rank=self.rank,
                                              torch_version=torch.__version__)
         from nanguard.recovery import Recovery  # snapshots, rollback and resume
@@ -560,6 +574,8 @@ class Guard:
         self._write_metrics()
         self.journal.end_run(self.run_id, status)
         self.journal.close()
+        if self._snapshot_lock is not None:
+            self._snapshot_lock.release()
 
     def __enter__(self) -> Guard:
         return self

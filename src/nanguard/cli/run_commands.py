@@ -53,20 +53,29 @@ def rollback(
 ) -> None:
     """Roll an Ultralytics run back on disk to a resumable clean checkpoint, then print the resume command.
 
-    Locks the run, audits every checkpoint, and backs up last.pt, best.pt and results.csv into .nanguard/backups/.
+    Locks the run (refused while nanguard run supervises it or a Guard writes snapshots into it), audits every checkpoint, and backs up last.pt, best.pt and results.csv into .nanguard/backups/. All or nothing: a killed rollback is reverted by the next rollback, undo or nanguard run, which says so in one line.
 
     Then writes the target as weights/last.pt, drops the results.csv rows after its epoch, scales lr0 if asked, and records it in the journal. Undo with: nanguard undo RUN_DIR.
 
-    Exit status: 0 done (or planned, with --dry-run); 2 no weights folder, no resumable clean checkpoint, or a target that cannot be resumed (stripped, final epoch); 1 a dirty or tainted target and 3 an unsafe one (without --force); 5 the run is locked.
+    Exit status: 0 done (or planned, with --dry-run); 2 no weights folder, no resumable clean checkpoint, a target that cannot be resumed (stripped, final epoch), or an unusable journal; 1 a dirty or tainted target and 3 an unsafe one (without --force); 5 the run is locked. --dry-run makes every check of the real command and fails with the same exit code and message.
     """  # noqa: E501
-    from nanguard.runs import apply_rollback, plan_rollback
+    from nanguard.runs import apply_rollback, check_apply, plan_rollback, recover
+    from nanguard.runs.intent import read_intent
 
-    plan = plan_rollback(run_dir, to=to, lr_scale=lr_scale, force=force, trust=trust)
     if dry_run:
-        _emit({**plan.to_dict(), "dry_run": True}, as_json=as_json, render=lambda data: _render_rollback(data, plan))
+        # The real command's checks in the real command's order, without its writes: it fails where that would.
+        pending = read_intent(run_dir) if run_dir.is_dir() else None
+        plan = plan_rollback(run_dir, to=to, lr_scale=lr_scale, force=force, trust=trust)
+        check_apply(run_dir)
+        recovered = None if pending is None else (f"{run_dir}: a killed {pending['action'].removeprefix('disk_')} "
+                                                  "is pending; the real command finishes it first, then plans again")
+        _emit({**plan.to_dict(), "dry_run": True, "recovered": recovered}, as_json=as_json,
+              render=lambda data: _render_rollback(data, plan))
         return
+    recovered = recover(run_dir)  # what a killed rollback or undo left; None (and nothing created) otherwise
+    plan = plan_rollback(run_dir, to=to, lr_scale=lr_scale, force=force, trust=trust)
     result = apply_rollback(plan)
-    _emit({**result.to_dict(), "dry_run": False}, as_json=as_json,
+    _emit({**result.to_dict(), "dry_run": False, "recovered": recovered}, as_json=as_json,
           render=lambda data: _render_rollback(data, plan))
 
 
@@ -74,8 +83,10 @@ def rollback(
 def undo(run_dir: YoloRunDir, as_json: JsonFlag = False) -> None:
     """Undo the last rollback: restore last.pt, best.pt and results.csv from the newest backup, byte for byte.
 
+    All or nothing: a killed undo is completed by the next rollback, undo or nanguard run. A folder without .nanguard/ is refused and nothing is created.
+
     Exit status: 0 restored; 2 no backup left to undo (or a damaged one); 5 the run is locked.
-    """
+    """  # noqa: E501
     from nanguard.runs import undo_last
 
     _emit(undo_last(run_dir).to_dict(), as_json=as_json, render=_render_undo)
@@ -84,6 +95,8 @@ def undo(run_dir: YoloRunDir, as_json: JsonFlag = False) -> None:
 def _render_rollback(data: dict[str, Any], plan: RollbackPlan) -> Iterable[RenderableType]:
     """The plan (or what was done), every checkpoint's verdict, and the exact resume commands."""
     done = not data["dry_run"]
+    if data.get("recovered"):
+        yield Text(data["recovered"], style="yellow")
     yield Text(("rolled back " if done else "rollback plan for ") + data["run_dir"]
                + ("" if done else "  (dry run: nothing changed)"), style="bold")
     target = f"{data['target']}  epoch index {data['target_epoch']}"
@@ -128,6 +141,8 @@ def _render_rollback(data: dict[str, Any], plan: RollbackPlan) -> Iterable[Rende
 
 
 def _render_undo(data: dict[str, Any]) -> Iterable[RenderableType]:
+    if data.get("recovered"):
+        yield Text(data["recovered"], style="yellow")
     yield Text(f"restored {data['backup_dir']}", style="bold")
     for name in data["restored"]:
         yield Text(f"  restored {name}")

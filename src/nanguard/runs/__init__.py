@@ -7,7 +7,9 @@
 
 Only Ultralytics runs are supported. The package is split by role: :mod:`~nanguard.runs.ultralytics_disk`
 plans and applies a rollback, :mod:`~nanguard.runs.candidates` audits each checkpoint for it,
-:mod:`~nanguard.runs.backups` takes backups and undoes them, :mod:`~nanguard.runs.lock` holds the run lock,
+:mod:`~nanguard.runs.backups` takes backups, undoes them and recovers killed commands,
+:mod:`~nanguard.runs.intent` keeps the intent record that makes them all-or-nothing,
+:mod:`~nanguard.runs.lock` holds the locks,
 :mod:`~nanguard.runs.results_csv` trims results.csv, and :mod:`~nanguard.runs.base` holds the shared names
 and :class:`RollbackRefused`.
 """
@@ -18,7 +20,14 @@ from nanguard.runs.backups import UndoResult, undo_last
 from nanguard.runs.base import RollbackRefused
 from nanguard.runs.candidates import Candidate
 from nanguard.runs.lock import RunLocked, run_lock
-from nanguard.runs.ultralytics_disk import RollbackPlan, RollbackResult, apply_rollback, plan_rollback
+from nanguard.runs.ultralytics_disk import (
+    RollbackPlan,
+    RollbackResult,
+    apply_rollback,
+    check_apply,
+    plan_rollback,
+    recover,
+)
 
 __all__ = [
     "Candidate",
@@ -28,7 +37,9 @@ __all__ = [
     "RunLocked",
     "UndoResult",
     "apply_rollback",
+    "check_apply",
     "plan_rollback",
+    "recover",
     "run_lock",
     "undo_last",
 ]

@@ -1,15 +1,31 @@
-"""lock.py owns the run lock: ``<run_dir>/.nanguard/lock``, which keeps two nanguard processes from changing
-one run folder at once.
+"""lock.py owns nanguard's locks on a run folder, and the one way they are held: ``flock``.
 
-:func:`run_lock` creates the file with ``O_EXCL`` (holding pid, host, time and purpose) and removes it on
-exit; a held lock raises :class:`RunLocked` (exit code ``LOCKED``) naming its holder. It does not decide what
-happens under the lock: :mod:`~nanguard.runs.ultralytics_disk` and :mod:`~nanguard.runs.backups` do.
+Three lock files live in ``<run_dir>/.nanguard/``, all held the same way by :func:`acquire`:
+
+- ``lock`` (:func:`run_lock`): the writer of the run folder's own files (``weights/*.pt``, ``results.csv``):
+  ``nanguard rollback`` and ``nanguard undo`` while they run, and ``nanguard run`` for the whole time it
+  supervises (its training alive or between restarts; its own rollbacks run under the lock it holds).
+- ``guard.lock`` (:func:`guard_lock`): a :class:`~nanguard.guard.Guard` that writes disk snapshots, for its
+  life. It is not ``lock`` because ``nanguard run -- python train.py`` supervises a guarded script: the
+  supervisor (holding ``lock``) and its own child (holding ``guard.lock``) must not refuse each other, while a
+  second Guard on the same folder must be refused. Rollback and undo take both: they refuse a live Guard too.
+- ``supervisor.pid`` (:func:`nanguard.supervise.state.pid_lock`): one ``nanguard run`` per folder.
+
+The file is never the lock itself: the lock is an exclusive ``flock`` on a descriptor kept open for the
+holder's life, so the kernel releases it when the holder dies, even by SIGKILL, and a stale file blocks
+nothing. The descriptor is opened ``O_CLOEXEC`` (children such as the supervised training do not inherit it).
+The holder's pid, host, time and purpose are written into the file only so that a refusal can name them. A held
+lock raises :class:`RunLocked` (exit code ``LOCKED``) before anything is created or changed.
+
+It does not decide what happens under the lock: :mod:`~nanguard.runs.ultralytics_disk`,
+:mod:`~nanguard.runs.backups` and :mod:`~nanguard.runs.intent` do.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 import socket
@@ -17,51 +33,172 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from nanguard.errors import ExitCode, NanguardError
+from nanguard.errors import ExitCode, JournalError, NanguardError
 from nanguard.journal import JOURNAL_DIR
 
 LOCK_FILE = "lock"
+GUARD_LOCK_FILE = "guard.lock"
+_HOLDER_BYTES = 4096
+"""At most this much of a lock file is read to name its holder: the file is anyone's to write."""
 
 
 class RunLocked(NanguardError):
-    """Another nanguard process holds the run's lock file (``.nanguard/lock``)."""
+    """Another live process holds one of the run folder's locks; the message names it."""
 
     exit_code = ExitCode.LOCKED
 
 
-@contextlib.contextmanager
-def run_lock(run_dir: str | Path, purpose: str) -> Iterator[Path]:
-    """Hold ``<run_dir>/.nanguard/lock`` (created with ``O_EXCL``, holding pid, host, time and purpose).
+class HeldLock:
+    """An exclusive ``flock`` on ``path``, held until :meth:`release` (or the process's death)."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Remove the file (when it is still ours) and drop the lock. Idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            # Unlink before closing: whoever opened the old file meanwhile sees it is gone and starts over.
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    self.path.unlink()
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> HeldLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def acquire(path: Path, purpose: str, refusal: str) -> HeldLock:
+    """Take the exclusive ``flock`` of ``path`` (created when missing; its folder must exist) and write the
+    holder (pid, host, time, purpose) into it.
 
     Raises:
-        RunLocked: the lock file exists; the message names its holder.
+        RunLocked: a live process holds it; the message is ``{path}: {refusal} (held by {holder})``.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = holder_text(os.read(fd, _HOLDER_BYTES))
+            os.close(fd)
+            raise RunLocked(f"{path}: {refusal} (held by {holder})") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # The holder may have removed the file between our open and our flock: then we locked a file nobody
+        # else can see, and must start over on the new one.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "time": utc_now(), "purpose": purpose}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+    return HeldLock(path, fd)
+
+
+def check_free(path: Path, refusal: str) -> None:
+    """Raise :class:`RunLocked` (the same message as :func:`acquire`) when a live process holds ``path``;
+    creates nothing (the dry run's check)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLocked(f"{path}: {refusal} (held by {holder_text(os.read(fd, _HOLDER_BYTES))})") from None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def holder_text(raw: bytes) -> str:
+    """``pid N on HOST since TIME (PURPOSE)`` from a lock file's bytes; a bare pid or ``another process``
+    when it holds something else."""
+    try:
+        info = json.loads(raw.decode("utf-8"))
+        if isinstance(info, dict):
+            return f"pid {info.get('pid')} on {info.get('host')} since {info.get('time')} ({info.get('purpose')})"
+    except ValueError:
+        pass
+    text = raw.decode("ascii", "replace").strip()
+    return f"pid {text}" if text.isdigit() else "another process"
+
+
+RUN_REFUSAL = "the run folder is being changed by another nanguard process; wait for it to finish"
+GUARD_REFUSAL = "a live nanguard Guard writes snapshots into this run folder"
+
+
+def state_folder(run_dir: str | Path, *, create: bool) -> Path:
+    """``<run_dir>/.nanguard``, made when ``create`` (its run folder must exist: call it only on a real run).
+
+    Raises:
+        JournalError: it exists and is not a folder (the same refusal with or without ``create``).
     """
     folder = Path(run_dir) / JOURNAL_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / LOCK_FILE
-    try:
-        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        raise RunLocked(f"{lock}: the run is locked by {_lock_holder(lock)}; wait for it to finish, or delete "
-                        "the file if no such process is running") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": utc_now(), "purpose": purpose},
-                      handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+    if folder.exists() and not folder.is_dir():
+        raise JournalError(f"{folder}: not a folder; nanguard keeps the run's journal, locks and backups there")
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def run_lock(run_dir: str | Path, purpose: str) -> HeldLock:
+    """Hold ``<run_dir>/.nanguard/lock`` (creating ``.nanguard/``: call it only on a real run folder).
+
+    Raises:
+        RunLocked: a live process holds it; the message names the holder.
+    """
+    return acquire(state_folder(run_dir, create=True) / LOCK_FILE, purpose, RUN_REFUSAL)
+
+
+def guard_lock(run_dir: str | Path, purpose: str) -> HeldLock:
+    """Hold ``<run_dir>/.nanguard/guard.lock``: the one Guard that writes disk snapshots into the folder.
+
+    Raises:
+        RunLocked: another live Guard (or a rollback or undo) holds it; the message names the holder.
+    """
+    return acquire(state_folder(run_dir, create=True) / GUARD_LOCK_FILE, purpose, GUARD_REFUSAL)
+
+
+@contextlib.contextmanager
+def folder_writer(run_dir: str | Path, purpose: str, held: HeldLock | None = None) -> Iterator[HeldLock]:
+    """Hold what rollback and undo need: the run lock (or ``held``, the one the caller already holds: the
+    supervisor between restarts) and the Guard lock (no live Guard writes into the folder meanwhile).
+
+    Raises:
+        RunLocked: either is held by a live process.
+    """
+    with contextlib.ExitStack() as stack:
+        lock = held if held is not None else stack.enter_context(run_lock(run_dir, purpose))
+        stack.enter_context(guard_lock(run_dir, purpose))
         yield lock
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
 
 
-def _lock_holder(lock: Path) -> str:
-    try:
-        info = json.loads(lock.read_text(encoding="utf-8"))
-        return f"pid {info.get('pid')} on {info.get('host')} since {info.get('time')} ({info.get('purpose')})"
-    except (OSError, ValueError, AttributeError):
-        return "another process"
+def check_writer_free(run_dir: str | Path, *, run_lock_held: bool = False) -> None:
+    """Raise :class:`RunLocked` exactly where :func:`folder_writer` would; creates nothing. ``run_lock_held``:
+    this process holds the run lock already (only the Guard lock is checked)."""
+    folder = state_folder(run_dir, create=False)
+    if not run_lock_held:
+        check_free(folder / LOCK_FILE, RUN_REFUSAL)
+    check_free(folder / GUARD_LOCK_FILE, GUARD_REFUSAL)
 
 
 def utc_now() -> str:

@@ -10,10 +10,12 @@ epoch after it, and drop the results.csv rows of the epochs that are undone.
   and explains what would change. It refuses (a :class:`RollbackRefused`, one line naming the file and the
   reason) a stripped checkpoint (``epoch == -1``), one without optimizer state, the final epoch's checkpoint,
   and, unless ``force``, a dirty, unsafe or journal-tainted one.
+- :func:`check_apply` makes every check of applying without writing (``--dry-run`` and the real run share it).
 - :func:`apply_rollback` takes the run's lock (:mod:`~nanguard.runs.lock`; a held lock raises
-  :class:`~nanguard.runs.lock.RunLocked`), backs up ``last.pt``, ``best.pt`` and ``results.csv``
-  (:func:`~nanguard.runs.backups.take_backup`) first, then writes each file atomically (temp file + rename),
-  records a ``disk_rollback`` action in the journal and releases the lock.
+  :class:`~nanguard.runs.lock.RunLocked`), writes an intent record (:mod:`~nanguard.runs.intent`), backs up
+  ``last.pt``, ``best.pt`` and ``results.csv`` (:func:`~nanguard.runs.backups.take_backup`), then writes each
+  file atomically (temp file + rename), records a ``disk_rollback`` action in the journal (the commit point),
+  removes the intent and releases the lock. :func:`recover` finishes what a killed one left.
 
 It does not audit a single checkpoint (:mod:`~nanguard.runs.candidates`), own the lock, the backups or undoing
 them (:mod:`~nanguard.runs.backups`), nor the results.csv trimming rules (:mod:`~nanguard.runs.results_csv`).
@@ -30,6 +32,7 @@ longer names this folder), and only through :func:`nanguard.ckpt.load_checkpoint
 from __future__ import annotations
 
 import math
+import os
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -37,11 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from nanguard.atomic import atomic_copy, atomic_write_bytes
-from nanguard.journal import Journal
-from nanguard.runs.backups import BACKED_UP, sha256_file, take_backup
+from nanguard.errors import JournalError
+from nanguard.journal import Journal, journal_path
+from nanguard.runs.backups import BACKED_UP, new_backup_name, recover_pending, sha256_file, take_backup
 from nanguard.runs.base import RESULTS_CSV, WEIGHTS_DIR, RollbackRefused, as_float, as_int
 from nanguard.runs.candidates import Candidate, examine, journal_taints, train_args_of
-from nanguard.runs.lock import run_lock
+from nanguard.runs.intent import clear_intent, new_intent_id, read_intent, write_intent
+from nanguard.runs.lock import HeldLock, check_writer_free, folder_writer, state_folder
 from nanguard.runs.results_csv import trim_counts, trim_results
 
 _EPOCH_TARGET = re.compile(r"^epoch\s*[:=]?\s*(\d+)$", re.IGNORECASE)
@@ -290,25 +295,83 @@ def _best_decision(
 # ---- applying ---------------------------------------------------------------------------------------------
 
 
-def apply_rollback(plan: RollbackPlan) -> RollbackResult:
-    """Carry out ``plan`` under the run's lock: back up, write ``last.pt`` (and ``best.pt``), trim results.csv,
-    record a ``disk_rollback`` action in the journal.
+def check_apply(run_dir: str | Path, *, held: HeldLock | None = None) -> None:
+    """Every check :func:`apply_rollback` makes before its first write, without writing anything: the run's
+    ``.nanguard`` is a folder, no live process holds the run or Guard lock, the journal opens (the real
+    :class:`~nanguard.journal.Journal` checks, when there is one) or can be created, and the folders of the
+    files a rollback changes are writable. ``--dry-run`` runs it, so a dry run fails exactly where the real
+    rollback would (same exit code, same message); the real one runs it too, before it creates anything.
+    ``held``: the run lock this process already holds (not checked again).
 
     Raises:
-        RunLocked: another process holds the lock.
-        RollbackRefused: the target changed since the plan was made.
+        RunLocked, JournalError, RollbackRefused: as :func:`apply_rollback` would.
+    """
+    run = Path(run_dir)
+    state = state_folder(run, create=False)
+    check_writer_free(run, run_lock_held=held is not None)
+    if journal_path(run).exists():
+        Journal(run).close()
+    elif not os.access(state if state.is_dir() else run, os.W_OK | os.X_OK):
+        raise JournalError(f"{journal_path(run)}: cannot create the journal ({state if state.is_dir() else run} "
+                           "is not writable)")
+    read_intent(run)  # an unreadable intent record refuses both
+    for name in BACKED_UP:
+        folder = (run / name).parent
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            raise RollbackRefused(f"{folder}: not writable; nothing changed")
+
+
+def recover(run_dir: str | Path) -> str | None:
+    """Complete or revert what a killed rollback or undo left in ``run_dir``
+    (:func:`~nanguard.runs.backups.recover_pending`, under the run and Guard locks); returns the one line that
+    says what was done, or None when nothing was pending (then nothing is created or locked).
+
+    Raises:
+        RunLocked: a live process holds a lock; RollbackRefused: an unreadable intent or a damaged backup.
+    """
+    run = Path(run_dir)
+    if not run.is_dir() or read_intent(run) is None:
+        return None
+    with folder_writer(run, "rollback: recovery"):
+        return recover_pending(run)
+
+
+def apply_rollback(plan: RollbackPlan, *, held: HeldLock | None = None) -> RollbackResult:
+    """Carry out ``plan`` under the run's lock, all or nothing: back up, write ``last.pt`` (and ``best.pt``),
+    trim results.csv, record a ``disk_rollback`` action in the journal.
+
+    An intent record (:mod:`~nanguard.runs.intent`) is written before the first change; the journal row is
+    the commit point. A command killed at any moment leaves the folder as before, or fully rolled back with
+    its backup and journal row, or with the intent that the next rollback, undo or ``nanguard run`` reverts.
+
+    Args:
+        plan: what :func:`plan_rollback` planned (after :func:`recover`, when something was pending).
+        held: the run lock the caller already holds (``nanguard run`` between restarts holds it for its whole
+            life); None takes it here.
+
+    Raises:
+        RunLocked: another process holds the lock, or a live Guard writes snapshots into the folder.
+        RollbackRefused: the target changed since the plan was made, or a killed command's intent was found
+            (it is recovered first: plan again).
         UnsafeCheckpoint: the target must be rewritten, has globals outside the allowlist, and ``trust`` is off.
     """
     run = plan.run_dir
-    with run_lock(run, "rollback"):
+    check_apply(run, held=held)  # the dry run's checks, before anything is created
+    with folder_writer(run, "rollback", held):
+        recovered = recover_pending(run)
+        if recovered is not None:  # the plan saw the folder before this: it may no longer hold
+            raise RollbackRefused(f"{recovered}; plan the rollback again")
         if sha256_file(plan.target) != plan.target_sha256:
             raise RollbackRefused(f"{plan.target}: changed since the rollback was planned; plan it again")
         journal = Journal(run)  # opened before any file changes: a journal that cannot open stops it here
         try:
             # Load the target before last.pt (possibly the target itself) is replaced.
             obj = _rewritten(plan) if plan.rewrite else None
+            intent_id, backup_name = new_intent_id(), new_backup_name()
+            write_intent(run, {"action": "disk_rollback", "id": intent_id, "backup": backup_name,
+                               "target": str(plan.target), "target_sha256": plan.target_sha256})
             backup = take_backup(run, {"action": "disk_rollback", "target": str(plan.target),
-                                   "target_epoch": plan.target_epoch})
+                                       "target_epoch": plan.target_epoch, "intent": intent_id}, backup_name)
             written: dict[str, str] = {}
             last_name = f"{WEIGHTS_DIR}/last.pt"
             if obj is not None:
@@ -330,7 +393,7 @@ def apply_rollback(plan: RollbackPlan) -> RollbackResult:
             import torch
 
             run_id = journal.start_run(policy={"command": "nanguard rollback"}, torch_version=torch.__version__)
-            action_id = journal.record_action(
+            action_id = journal.record_action(  # the commit point
                 run_id, step=plan.target_epoch, action="disk_rollback",
                 reason=f"rolled back to {plan.target.name} (epoch index {plan.target_epoch}); resumes at epoch "
                        f"index {plan.resume_epoch}",
@@ -340,10 +403,11 @@ def apply_rollback(plan: RollbackPlan) -> RollbackResult:
                     "backup": str(backup.resolve()), "written": written, "results_rows_dropped": dropped,
                     "lr_scale": plan.lr_scale, "lr0_before": plan.lr0_before, "lr0_after": plan.lr0_after,
                     "save_dir_before": plan.save_dir_before, "replaced_best": plan.replace_best,
-                    "forced": plan.forced,
+                    "forced": plan.forced, "intent": intent_id,
                 },
             )
             journal.end_run(run_id, "finished")
+            clear_intent(run)
         finally:
             journal.close()
     return RollbackResult(plan, backup, action_id, written)

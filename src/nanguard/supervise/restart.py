@@ -7,9 +7,9 @@ Three cases, in this order:
   code run from the files) and the newest clean one becomes ``{checkpoint}``. Nothing in the folder is
   changed: the resume command must be told which checkpoint to load.
 - an Ultralytics run (``<run>/weights`` exists): :func:`nanguard.runs.plan_rollback` with ``latest-clean``,
-  then :func:`nanguard.runs.apply_rollback` (which takes the run lock, backs up, rewrites ``last.pt``, trims
-  results.csv and records ``disk_rollback``). The restart runs ``--resume-cmd``, else the plan's
-  ``yolo train resume model=<run>/weights/last.pt``.
+  then :func:`nanguard.runs.apply_rollback` under the run lock the supervisor holds (it backs up, rewrites
+  ``last.pt``, trims results.csv and records ``disk_rollback``, all or nothing). The restart runs
+  ``--resume-cmd``, else the plan's ``yolo train resume model=<run>/weights/last.pt``.
 - neither: nothing is audited or changed; the restart runs ``--resume-cmd`` (if it does not use
   ``{checkpoint}``), else the original command.
 
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanguard.runs.lock import HeldLock
 from nanguard.supervise.config import SupervisorConfig, format_resume, resume_placeholders
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,11 @@ class Restart:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def prepare_restart(config: SupervisorConfig) -> Restart:
+def prepare_restart(config: SupervisorConfig, held: HeldLock | None = None) -> Restart:
     """Audit, roll back where there is something to roll back, and work out the restart's command.
+
+    ``held``: the run lock the supervisor holds for its whole life; the rollback runs under it (None: the
+    rollback takes the lock itself).
 
     Raises:
         RunLocked: another process holds the run lock during the Ultralytics rollback.
@@ -67,7 +71,7 @@ def prepare_restart(config: SupervisorConfig) -> Restart:
         detail["audited"] = verdicts
         source = "checkpoint_dir"
     elif (config.run_dir / "weights").is_dir():
-        checkpoint, ultralytics_resume, more = _ultralytics_rollback(config)
+        checkpoint, ultralytics_resume, more = _ultralytics_rollback(config, held)
         detail.update(more)
         source = "ultralytics"
     else:
@@ -109,7 +113,9 @@ def newest_clean_checkpoint(folder: Path) -> tuple[Path | None, list[dict[str, A
     return chosen, verdicts
 
 
-def _ultralytics_rollback(config: SupervisorConfig) -> tuple[Path | None, list[str] | None, dict[str, Any]]:
+def _ultralytics_rollback(
+    config: SupervisorConfig, held: HeldLock | None
+) -> tuple[Path | None, list[str] | None, dict[str, Any]]:
     """Roll the Ultralytics run back to its newest resumable clean checkpoint; returns the target, the plan's
     resume command, and facts for the journal. ``(None, None, why)`` when there is nothing clean to resume."""
     from nanguard.runs import RollbackRefused, apply_rollback, plan_rollback
@@ -121,7 +127,7 @@ def _ultralytics_rollback(config: SupervisorConfig) -> tuple[Path | None, list[s
         # first epoch, before any epoch was saved): there is nothing to roll back to, not an error.
         log.warning("nothing to roll back to: %s", err)
         return None, None, {"reason": str(err)}
-    result = apply_rollback(plan)
+    result = apply_rollback(plan, held=held)
     log.info("rolled back %s to %s (epoch index %d; resumes at %d); backup in %s", config.run_dir,
              plan.target.name, plan.target_epoch, plan.resume_epoch, result.backup_dir)
     return plan.target, shlex.split(plan.resume_command), {

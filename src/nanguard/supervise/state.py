@@ -5,15 +5,13 @@ its lock.
 The status file is the contract with ``nanguard status`` (see docs/supervise.md): rewritten atomically
 (:func:`nanguard.atomic.atomic_write_bytes`) on every state change and at most once a second as progress
 lines arrive. The PID file is held with ``flock`` for the supervisor's life, so the kernel releases it when
-the supervisor dies, even by SIGKILL: a stale file never blocks a new ``nanguard run``. It is a separate lock
-from the run lock (``.nanguard/lock``, :func:`nanguard.runs.run_lock`), which the supervisor's own rollback
-takes and releases like any ``nanguard rollback``.
+the supervisor dies, even by SIGKILL: a stale file never blocks a new ``nanguard run``. It is taken the same
+way as the run lock (:mod:`nanguard.runs.lock`), which the supervisor also holds for its whole life (so
+``nanguard rollback`` and ``undo`` from another shell are refused) and under which its own rollbacks run.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import time
@@ -22,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nanguard.atomic import atomic_write_bytes
-from nanguard.runs.lock import RunLocked
+from nanguard.runs.lock import HeldLock, acquire
 
 STATUS_FILE = "supervisor.json"
 PID_FILE = "supervisor.pid"
@@ -139,38 +137,13 @@ def read_status(run_dir: str | Path) -> dict[str, Any] | None:
         return None
 
 
-@contextlib.contextmanager
-def pid_lock(state_dir: Path) -> Any:
-    """Hold ``supervisor.pid`` (``flock``, exclusive) holding this process's pid; remove it on exit.
+def pid_lock(state_dir: Path) -> HeldLock:
+    """Hold ``supervisor.pid`` (:func:`nanguard.runs.lock.acquire`: ``flock``, holding this process's pid, host,
+    time); removed when released.
 
     Raises:
         RunLocked: another live supervisor holds it (exit code 5); the message names its pid.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / PID_FILE
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
-            os.close(fd)
-            raise RunLocked(f"{path}: another nanguard run (pid {holder}) supervises this run folder; stop it "
-                            "first") from None
-        # The holder may have removed the file between our open and our flock: then we locked a file nobody
-        # else can see, and must start over on the new one.
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield path
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        os.close(fd)
+    return acquire(state_dir / PID_FILE, "nanguard run",
+                   "another nanguard run supervises this run folder; stop it first")

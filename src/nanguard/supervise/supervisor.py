@@ -34,7 +34,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 from nanguard.errors import ExitCode
 from nanguard.journal import Journal
-from nanguard.runs.lock import run_lock
+from nanguard.runs.backups import recover_pending
+from nanguard.runs.lock import HeldLock, run_lock
 from nanguard.supervise.config import SupervisorConfig
 from nanguard.supervise.process import Child, Watchdog
 from nanguard.supervise.restart import prepare_restart
@@ -108,6 +109,7 @@ class Supervisor:
         self._journal: Journal | None = None
         self._child: Child | None = None  # the current attempt's process, reaped or not
         self._run_id = 0
+        self._run_lock: HeldLock | None = None
         self.status: StatusFile | None = None
 
     # ---- the loop -----------------------------------------------------------------------------------------
@@ -116,14 +118,20 @@ class Supervisor:
         """Supervise until the command finishes, the budget is spent, or a signal comes.
 
         Raises:
-            RunLocked: another ``nanguard run`` supervises this folder, or a rollback holds its lock (exit 5).
+            RunLocked: another ``nanguard run`` supervises this folder, or a rollback or undo holds the run lock
+                (exit 5).
             JournalError: the journal cannot be opened.
             RollbackRefused, UnsafeCheckpoint: a planned rollback could not be applied (state ``failed``).
         """
         cfg = self.config
-        with pid_lock(cfg.state_dir):
-            with run_lock(cfg.run_dir, "nanguard run: start"):
-                pass  # a rollback or undo in progress: refuse now rather than train under it
+        # Both locks are held until the supervision ends: supervisor.pid (one nanguard run per folder) and the
+        # run lock (no rollback or undo from another shell while the training is alive or between restarts).
+        # The supervisor's own rollbacks run under the run lock it holds (prepare_restart(held=...)).
+        with pid_lock(cfg.state_dir), run_lock(cfg.run_dir, f"nanguard run (pid {os.getpid()})") as lock:
+            self._run_lock = lock
+            recovered = recover_pending(cfg.run_dir)  # what a killed rollback or undo left, before training
+            if recovered is not None:
+                log.warning("%s", recovered)
             self._journal = Journal(cfg.run_dir)
             try:
                 self._run_id = self._journal.start_run(policy={"supervisor": cfg.to_dict()}, rank=0)
@@ -165,7 +173,7 @@ class Supervisor:
                                         restarts, attempt)
                 self._move(State.ROLLING_BACK)
                 try:
-                    restart = prepare_restart(cfg)
+                    restart = prepare_restart(cfg, held=self._run_lock)
                 except BaseException as err:
                     self._finish(State.FAILED, getattr(err, "exit_code", 1), f"rollback failed: {err}",
                                  restarts, attempt)
