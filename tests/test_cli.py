@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from nanguard import __version__
 from nanguard.cli import EXIT_CODE_MEANINGS, app
 from nanguard.errors import ExitCode
 from nanguard.journal import IncidentRecord, Journal, journal_path, read_incidents
-from tests.cli_checks import assert_one_line_error
+from tests.cli_checks import assert_one_line_error, run_cli
 
 runner = CliRunner()
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
@@ -179,3 +180,33 @@ def test_debug_adds_the_traceback_and_keeps_the_exit_code(tmp_path: Path) -> Non
     assert "Traceback (most recent call last)" in result.stderr
     assert "JournalError" in result.stderr
     assert result.stderr.splitlines()[-1].startswith("nanguard: error: "), result.output
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["run", "--policy", "{fifo}", "--", "true"], "{fifo}: is a FIFO (named pipe), not a regular file"),
+    (["yolo", "--policy", "{fifo}", "train", "model=yolo11n.pt"], "{fifo}: is a FIFO"),
+    (["yolo", "--policy", "/dev/zero", "train"], "/dev/zero: is a character device, not a regular file"),
+    (["run", "--run-dir", "{file}", "--", "true"], "{file}: is a regular file, not a folder"),
+    (["run", "--checkpoint-dir", "{fifo}", "--", "true"], "{fifo}: is a FIFO (named pipe), not a folder"),
+    (["status", "{file}"], "{file}: is a regular file, not a folder"),
+    (["incidents", "{fifo}"], "{fifo}: is a FIFO (named pipe), not a folder"),
+    (["rollback", "{file}"], "{file}: is a regular file, not a folder"),
+    (["undo", "/dev/null"], "/dev/null: is a character device, not a folder"),
+    (["report", "{dir}", "-o", "{fifo}"], "{fifo}: is a FIFO (named pipe), not a regular file"),
+    (["report", "{dir}", "-o", "{file}/x.html"], "{file}: is a regular file, not a folder"),
+    (["audit", "{fifo}"], "{fifo}: is a FIFO (named pipe), not a regular file or a folder"),
+    (["audit", "--record", "{file}", "{file}"], "{file}: is a regular file, not a folder"),
+    (["inspect", "/dev/zero"], "/dev/zero: is a character device, not a regular file or a folder"),
+])
+def test_every_path_argument_refuses_the_wrong_kind_without_blocking(tmp_path: Path, args: list[str],
+                                                                     named: str) -> None:
+    """A FIFO, a device, a file where a folder is expected or a folder where a file is expected: one line
+    naming the path and what it is, exit 2, nothing run, written or created (run_cli's timeout fails a block)."""
+    fifo, file = tmp_path / "pipe", tmp_path / "plain.txt"
+    os.mkfifo(fifo)
+    file.write_text("not a folder\n")
+    values = {"fifo": str(fifo), "file": str(file), "dir": str(tmp_path)}
+    before = sorted(tmp_path.rglob("*"))
+    result = run_cli([arg.format(**values) for arg in args], cwd=tmp_path, timeout=60)
+    assert_one_line_error(result, ExitCode.BAD_INPUT, named.format(**values))
+    assert sorted(tmp_path.rglob("*")) == before and file.read_text() == "not a folder\n"

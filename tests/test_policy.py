@@ -3,12 +3,16 @@ and every bad key or value is an error that names the key (and the file)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from nanguard import Policy, PolicyError
 from nanguard.errors import ExitCode
+from nanguard.policy import MAX_POLICY_BYTES
 
 
 def test_defaults_skip_nonfinite_and_loss_spikes_and_clip_gradient_spikes() -> None:
@@ -86,3 +90,51 @@ def test_every_policy_field_is_documented_with_its_default() -> None:
     docs = (Path(__file__).resolve().parents[1] / "docs" / "policy.md").read_text()
     missing = [f.name for f in fields(Policy) if f"| `{f.name}` |" not in docs]
     assert not missing, f"docs/policy.md lacks {missing}"
+
+
+_LOAD = ("import sys\n"
+         "from nanguard.errors import PolicyError\n"
+         "from nanguard.policy import Policy\n"
+         "for how, path in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+         "    try:\n"
+         "        Policy.discover(path) if how == 'discover' else Policy.from_file(path)\n"
+         "        print('loaded')\n"
+         "    except PolicyError as err:\n"
+         "        print(err)\n")
+
+
+def _load_in_a_process(*loads: tuple[str, Path]) -> list[str]:
+    """The PolicyError message of each load, in one fresh process; a block fails by the timeout."""
+    args = [str(item) for load in loads for item in load]
+    done = subprocess.run([sys.executable, "-c", _LOAD, *args], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_policy_file_that_is_a_fifo_device_or_folder_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO blocks in open() until a writer comes; discovery used to skip it silently (is_file()) and
+    from_file to block on it. Both now refuse it, naming the file; /dev/zero and a folder likewise."""
+    loads, expected = [], []
+    for name in ("nanguard.toml", "pyproject.toml"):
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        os.mkfifo(folder / name)
+        message = f"{folder / name}: is a FIFO (named pipe), not a regular policy file"
+        loads += [("from_file", folder / name), ("discover", folder)]
+        expected += [message, message]
+        (folder / "dir").mkdir()
+        (folder / "dir" / name).mkdir()
+        loads.append(("discover", folder / "dir"))
+        expected.append(f"{folder / 'dir' / name}: is a folder, not a regular policy file")
+    loads.append(("from_file", Path("/dev/zero")))
+    expected.append("/dev/zero: is a character device, not a regular policy file")
+    assert _load_in_a_process(*loads) == expected
+
+
+def test_policy_file_larger_than_the_limit_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
+    path = tmp_path / "nanguard.toml"
+    with path.open("wb") as out:  # a sparse file: 4 GiB that take no disk
+        out.truncate(4 << 30)
+    with pytest.raises(PolicyError, match=rf"nanguard\.toml: larger than {MAX_POLICY_BYTES} bytes"):
+        Policy.from_file(path)

@@ -10,6 +10,7 @@ the guard acts, this module only decides.
 from __future__ import annotations
 
 import math
+import os
 import tomllib
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields
@@ -19,6 +20,12 @@ from typing import Any
 
 from nanguard.checks import STATE_KINDS, Finding, Kind
 from nanguard.errors import PolicyError
+from nanguard.paths import BadPath, read_regular_file
+
+MAX_POLICY_BYTES = 1 << 20
+"""Largest policy file read (1 MiB). A policy is a few dozen keys (under 4 KiB), a pyproject.toml with
+[tool.nanguard] rarely passes 50 KiB; 1 MiB leaves room for any real one, and a file of gigabytes (or a
+device that never ends) is refused after reading at most this much, not read whole into memory."""
 
 _LOSS_SPIKE_ACTIONS = ("skip", "record")
 _GRAD_SPIKE_ACTIONS = ("skip", "clip", "record")
@@ -153,10 +160,16 @@ class Policy:
         """Load ``nanguard.toml`` (keys at the top level) or ``pyproject.toml`` (keys under ``[tool.nanguard]``)."""
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise PolicyError(f"{path}: no such policy file") from None
-        except (OSError, UnicodeDecodeError) as err:
+            # A FIFO or device is refused before anything is read (it would block, or never end), and no more
+            # than MAX_POLICY_BYTES are read, whatever the file's size.
+            raw = read_regular_file(path, MAX_POLICY_BYTES, "policy file")
+        except BadPath as err:
+            if not os.path.lexists(path):
+                raise PolicyError(f"{path}: no such policy file") from None
+            raise PolicyError(str(err)) from None
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
             raise PolicyError(f"{path}: cannot read policy file ({err})") from None
         except tomllib.TOMLDecodeError as err:
             raise PolicyError(f"{path}: not valid TOML ({err})") from None
@@ -171,10 +184,12 @@ class Policy:
         """The policy for a project folder: ``nanguard.toml``, else ``[tool.nanguard]`` in
         ``pyproject.toml``, else the defaults."""
         directory = Path(directory)
-        if (directory / "nanguard.toml").is_file():
+        # exists(), not is_file(): a nanguard.toml that is a FIFO, a device or a folder is an error to report
+        # (from_file refuses it), not a reason to train silently with the defaults.
+        if (directory / "nanguard.toml").exists():
             return cls.from_file(directory / "nanguard.toml")
         pyproject = directory / "pyproject.toml"
-        if pyproject.is_file():
+        if pyproject.exists():
             return cls.from_file(pyproject)
         return cls()
 

@@ -36,6 +36,7 @@ import typer
 from typer.core import TyperGroup
 
 from nanguard import __version__
+from nanguard.cli.params import folder_arg
 from nanguard.errors import ExitCode, NanguardError
 
 EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
@@ -96,7 +97,8 @@ app: typer.Typer = typer.Typer(
 # flag names stay the same across commands.
 RunDir = Annotated[
     Path,
-    typer.Argument(help="A training run's folder, the one that holds .nanguard/journal.db.", show_default=False),
+    typer.Argument(help="A training run's folder, the one that holds .nanguard/journal.db.", show_default=False,
+                   callback=folder_arg),
 ]
 JsonFlag = Annotated[
     bool,

@@ -21,6 +21,7 @@ from rich.text import Text
 
 from nanguard.cli import JsonFlag, app
 from nanguard.cli.output import _STATUS_STYLES, _abbreviate, _emit
+from nanguard.cli.params import checkpoint_arg, folder_arg
 from nanguard.errors import ExitCode, UnreadableCheckpoint
 from nanguard.journal import CheckpointRecord, Journal, file_digest
 
@@ -35,7 +36,8 @@ _STATUS_CODES = {"unreadable": ExitCode.BAD_INPUT, "unsafe": ExitCode.UNSAFE, "d
 
 CheckpointPaths = Annotated[
     list[Path],
-    typer.Argument(help="Checkpoint files or folders; a folder means every checkpoint in it.", show_default=False),
+    typer.Argument(help="Checkpoint files or folders; a folder means every checkpoint in it.", show_default=False,
+                   callback=checkpoint_arg),
 ]
 RecordDir = Annotated[
     Path | None,
@@ -44,6 +46,7 @@ RecordDir = Annotated[
         metavar="RUN_DIR",
         help="Store each verdict in RUN_DIR's journal (created when missing) and mark tainted checkpoints.",
         show_default=False,
+        callback=folder_arg,
     ),
 ]
 
@@ -79,7 +82,8 @@ def audit(paths: CheckpointPaths, as_json: JsonFlag = False, record: RecordDir =
 
 @app.command()
 def inspect(
-    path: Annotated[Path, typer.Argument(help="One checkpoint file or folder.", show_default=False)],
+    path: Annotated[Path, typer.Argument(help="One checkpoint file or folder.", show_default=False,
+                                         callback=checkpoint_arg)],
     as_json: JsonFlag = False,
     load: Annotated[
         bool, typer.Option("--load", help="Also load it with its real classes (only if every global is allowlisted).")

@@ -2,8 +2,8 @@
 
 It calls :func:`nanguard.logscan.scan_file` (or :func:`nanguard.logscan.follow` with ``-f``) and renders the
 :class:`~nanguard.logscan.ScanResult` of each file. Like ``grep``, it exits 1 when it found incidents and 0
-when it found none; a missing, unreadable or binary file or a bad ``--pattern`` is a one-line error, exit 2.
-It imports no torch.
+when it found none; a missing, unreadable or binary file, a FIFO or device or a bad ``--pattern`` is a
+one-line error, exit 2. It imports no torch.
 """
 
 from __future__ import annotations

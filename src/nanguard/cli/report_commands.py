@@ -18,6 +18,7 @@ from rich.console import Console, Group
 
 from nanguard.cli import JsonFlag, RunDir, app
 from nanguard.cli.output import PIPE_WIDTH, _emit
+from nanguard.cli.params import folder_arg, output_file_arg
 
 EpochsOption = Annotated[
     int | None,
@@ -73,12 +74,13 @@ def status(
 def report(
     run_dir: RunDir,
     output: Annotated[
-        Path, typer.Option("-o", "--output", metavar="FILE", help="The HTML file to write.", show_default=False)
+        Path, typer.Option("-o", "--output", metavar="FILE", help="The HTML file to write.", show_default=False,
+                           callback=output_file_arg)
     ],
     png_dir: Annotated[
         Path | None,
         typer.Option("--png-dir", metavar="DIR", show_default=False,
-                     help="Where to write the PNGs (default: beside the HTML file)."),
+                     help="Where to write the PNGs (default: beside the HTML file).", callback=folder_arg),
     ] = None,
     epochs: EpochsOption = None,
 ) -> None:

@@ -17,6 +17,7 @@ from rich.text import Text
 
 from nanguard.cli import JsonFlag, app
 from nanguard.cli.output import _STATUS_STYLES, _emit
+from nanguard.cli.params import folder_arg
 
 if TYPE_CHECKING:
     from nanguard.runs import RollbackPlan
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 YoloRunDir = Annotated[
     Path,
     typer.Argument(help="An Ultralytics run folder, the one that holds weights/ and results.csv.",
-                   show_default=False),
+                   show_default=False, callback=folder_arg),
 ]
 
 

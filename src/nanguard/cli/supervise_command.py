@@ -19,6 +19,7 @@ import typer
 from typer.core import TyperCommand
 
 from nanguard.cli import app
+from nanguard.cli.params import file_arg, folder_arg
 
 _COMMAND_KEY = "nanguard.run.command"
 
@@ -46,7 +47,8 @@ def run(
         Path | None,
         typer.Option("--run-dir", metavar="DIR", help="The run folder; .nanguard/ (log, supervisor.json, "
                      "supervisor.pid, journal) goes there. For Ultralytics: the folder with weights/ (pass "
-                     "project=/name=/exist_ok=True to match it). Default: the current folder.", show_default=False),
+                     "project=/name=/exist_ok=True to match it). Default: the current folder.", show_default=False,
+                     callback=folder_arg),
     ] = None,
     resume_cmd: Annotated[
         str | None,
@@ -58,13 +60,14 @@ def run(
     checkpoint_dir: Annotated[
         Path | None,
         typer.Option("--checkpoint-dir", metavar="DIR", help="Another framework's checkpoint folder: its newest "
-                     "clean checkpoint becomes {checkpoint} (nothing in it is changed).", show_default=False),
+                     "clean checkpoint becomes {checkpoint} (nothing in it is changed).", show_default=False,
+                     callback=folder_arg),
     ] = None,
     policy: Annotated[
         Path | None,
         typer.Option("--policy", metavar="FILE", help="Policy file (nanguard.toml, or pyproject.toml with "
                      "\\[tool.nanguard]) for the supervise_* values. Default: the one in the current folder.",
-                     show_default=False),
+                     show_default=False, callback=file_arg),
     ] = None,
     nan_lines: Annotated[
         int | None, typer.Option("--nan-lines", metavar="N", help="Stop after N consecutive progress lines "

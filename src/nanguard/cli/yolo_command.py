@@ -22,6 +22,7 @@ from rich.text import Text
 
 from nanguard.cli import app
 from nanguard.cli.output import _counts, _emit
+from nanguard.cli.params import file_arg
 from nanguard.errors import NanguardError
 
 if TYPE_CHECKING:
@@ -45,7 +46,8 @@ def yolo(
         Path | None,
         typer.Option("--policy", metavar="FILE", help="The guard's policy (nanguard.toml, or pyproject.toml with "
                      "\\[tool.nanguard]). Default: the one in the current folder, else the defaults. Ultralytics' "
-                     "clip at 10.0 is kept when the policy leaves max_grad_norm unset.", show_default=False),
+                     "clip at 10.0 is kept when the policy leaves max_grad_norm unset.", show_default=False,
+                     callback=file_arg),
     ] = None,
 ) -> None:
     """Run an Ultralytics training, guarded: [TASK] MODE key=value ..., exactly the arguments of `yolo`.

@@ -15,8 +15,8 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanguard.logscan.events import LogEvent, LogScanError
-from nanguard.logscan.scanner import SNIFF_BYTES, LogScanner, scan_fd_into, sniff_format
+from nanguard.logscan.events import LogEvent
+from nanguard.logscan.scanner import LogScanner, open_log, scan_fd_into, sniff_format
 
 POLL_SECONDS = 0.2
 """How often a followed file is checked for new bytes."""
@@ -32,17 +32,7 @@ class _Followed:
 
 
 def _open_followed(path: Path, scanner: LogScanner, fmt: str, pattern: str | None, *, first: bool) -> _Followed:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as err:
-        raise LogScanError(f"{path}: {err.strerror or err}") from None
-    if os.path.isdir(path):
-        os.close(fd)
-        raise LogScanError(f"{path}: is a folder, not a log file")
-    head = os.pread(fd, SNIFF_BYTES, 0)
-    if b"\x00" in head[:8192]:
-        os.close(fd)
-        raise LogScanError(f"{path}: binary file (NUL bytes), not a text log")
+    fd, head = open_log(path)
     reading = sniff_format(path, head, fmt)
     # What the file holds already is read fast (it may be gigabytes); what it grows by is read piece by piece.
     fast = first and pattern is None and reading in ("ultralytics", "lines")

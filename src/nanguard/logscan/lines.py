@@ -21,13 +21,15 @@ NUM = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf)"
 # reference/ultralytics.md §10.1-10.2: "%11s"*2 + "%11.4g"*(2+n) then ": pct% bar n/total ...". The numbers
 # group holds the n losses, Instances and Size; both the custom bar (━━──) and tqdm's |██| hold no digits.
 FRAME = re.compile(rf"\s*(\d+)/(\d+)\s+\d+(?:\.\d*)?(?:e[-+]?\d+)?G\s+((?:{NUM}\s+)*{NUM})\s*:\s+(\d+)%\D*?(\d+)/(\d+)")
-HEADER = re.compile(r"\s*Epoch\s+GPU_mem\s+(.+?)\s+Instances\s+Size\s*$")
 # A word, not part of a name or a path: "loss=nan", "-inf", "NaN/Inf", but not "/runs/nan/", "nan.pt", "info".
-_NONFINITE_WORD = re.compile(
+NONFINITE_WORD = re.compile(
     r"(?<![\w./\\])[-+]?(?:nan|inf(?:inity)?)(?!\w|\.\w|[/\\](?![-+]?(?:nan|inf)))", re.IGNORECASE
 )
+# Linear on any line: a key starts only where a run of name characters starts (its first letter, after any
+# digits, dots, slashes or dashes), and the possessive quantifiers never give back what they took. Without
+# them, each letter of a long word was a new start that read the word to its end again: quadratic.
 _KEY_VALUE = re.compile(
-    r"([A-Za-z_][\w./-]*)\s*[=:]\s*([-+]?(?:nan|inf(?:inity)?|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?))"
+    r"(?<![\w./-])[\d./-]*+([A-Za-z_][\w./-]*+)\s*+[=:]\s*+([-+]?(?:nan|inf(?:inity)?|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?))"
     r"(?![\w.])",
     re.IGNORECASE,
 )
@@ -36,8 +38,9 @@ _DICT_ITEM = re.compile(
     r"""["']([^"']+)["']\s*:\s*([-+]?(?:NaN|nan|Infinity|inf|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?))"""
     r"(?=\s*[,}\]])"
 )
-_GENERIC_EPOCH = re.compile(r"\bepoch\b\s*[=:]?\s*(\d+)(?:\s*/\s*(\d+))?", re.IGNORECASE)
-_GENERIC_STEP = re.compile(r"\b(?:global_step|step|iter(?:ation)?)\b\s*[=:]?\s*(\d+)", re.IGNORECASE)
+# Possessive: two \s* around an optional [=:] could otherwise split a long run of spaces every way (quadratic).
+_GENERIC_EPOCH = re.compile(r"\bepoch\b\s*+[=:]?+\s*+(\d+)(?:\s*+/\s*+(\d+))?", re.IGNORECASE)
+_GENERIC_STEP = re.compile(r"\b(?:global_step|step|iter(?:ation)?)\b\s*+[=:]?+\s*+(\d+)", re.IGNORECASE)
 _CSV_HEADER = re.compile(r"\s*epoch\s*,", re.IGNORECASE)
 
 # (kind, detail, pattern); reference/ultralytics.md §10.4. Warnings and boundaries are read only in logs that
@@ -57,14 +60,28 @@ _RECOVERY_KEYS = ("NaN", "Non-finite")
 _ULTRALYTICS_LINES = [
     ("warning", "amp_check_failed", re.compile(r"AMP: checks failed")),
     ("warning", "oom_retry", re.compile(r"out of memory with batch=\d+\. Reducing")),
-    ("boundary", "resume", re.compile(r"Resuming training .*? from epoch (\d+) to (\d+) total epochs")),
+    # "[^\n]{0,4096}?": a path of at most PATH_MAX; unbounded, each "Resuming training" read the line to its end
+    ("boundary", "resume", re.compile(r"Resuming training [^\n]{0,4096}? from epoch (\d+) to (\d+) total epochs")),
     ("boundary", "start", re.compile(r"Starting training for (\d+) epochs")),
-    ("boundary", "end", re.compile(r"(\d+) epochs completed in")),
+    ("boundary", "end", re.compile(r"(?<!\d)(\d++) epochs completed in")),  # one start per run of digits
 ]
 _ULTRALYTICS_KEYS = ("AMP: checks", "out of memory", "Resuming training", "Starting training", "epochs completed")
 _EPOCH_KEYS = ("epoch",)
 _STEP_KEYS = ("step", "global_step", "trainer/global_step")
 _BATCH_KEYS = ("batch_idx", "batch")
+
+
+def header_losses(text: str) -> list[str] | None:
+    """The loss names of an Ultralytics column header (``Epoch GPU_mem box_loss ... Instances Size``), else None.
+
+    reference/ultralytics.md §10.2. Read by splitting on whitespace (a lazy regex over the names retried at every
+    space of a long run of spaces: quadratic)."""
+    if "GPU_mem" not in text:
+        return None
+    words = text.split()
+    if len(words) < 5 or words[:2] != ["Epoch", "GPU_mem"] or words[-2:] != ["Instances", "Size"]:
+        return None
+    return words[2:-2]
 
 
 def _float(text: str) -> float:
@@ -136,7 +153,7 @@ class PieceParser:
             event = self._dict_line(text, offset)
             if event is not None:
                 return event
-        if fmt in ("auto", "generic") and _NONFINITE_WORD.search(text):
+        if fmt in ("auto", "generic") and NONFINITE_WORD.search(text):
             return self._generic(text, offset)
         if self.pattern is not None:
             return self._match(text, offset)
@@ -169,10 +186,10 @@ class PieceParser:
         frame = FRAME.match(text)
         if frame is not None:
             return self._frame(frame, text, offset)
-        header = HEADER.match(text)
+        header = header_losses(text)
         if header is not None:
             self.ultralytics = True
-            self.loss_names = header.group(1).split()
+            self.loss_names = header
             return LogEvent("header", False, epoch=self.epoch, text=_clip(text), offset=offset)
         if "Ultralytics " in text:
             self.ultralytics = True

@@ -12,6 +12,7 @@ Both give the same :class:`ScanResult` for the same log. It prints nothing and i
 
 from __future__ import annotations
 
+import codecs
 import copy
 import json
 import math
@@ -20,7 +21,8 @@ import re
 from pathlib import Path
 
 from nanguard.logscan.events import MAX_RECOVERIES, EpochIncidents, LogEvent, LogScanError, ScanResult
-from nanguard.logscan.lines import PieceParser
+from nanguard.logscan.lines import NONFINITE_WORD, PieceParser
+from nanguard.paths import BadPath, open_regular_file
 
 CHUNK_BYTES = 8 << 20
 """Read size of :func:`scan_file`: large enough that per-buffer Python work is noise."""
@@ -33,7 +35,102 @@ _PIECE = re.compile(rb"[^\r\n]+")
 # Case folding for the fast path's search only: NaN, NAN, Inf, INF, Infinity and Non-finite all become
 # lowercase, so three plain finds see every spelling. bytes.translate runs at memory speed; .lower() does not.
 _FOLD = bytes.maketrans(b"NAIF", b"naif")
+MAX_PIECE_BYTES = 64 << 10
+"""Longest piece (line, or redraw between ``\\r``) read whole. Real frames and lines are far shorter (an
+Ultralytics frame is ~150 bytes, an HF Trainer dict a few KiB); a longer piece is glued-together output or
+junk, and keeping it whole would let one line of a log hold the scan's memory hostage."""
+
+KEEP_BYTES = 32 << 10
+"""Of a piece longer than :data:`MAX_PIECE_BYTES`: how much of its start and of its end is read whole."""
+
+HIT_CONTEXT_CHARS = 200
+"""Of a long piece's middle: the text kept on each side of its first NaN/Inf word (enough for ``key=nan``)."""
+
 _POSITION_TRIES = 64  # pieces tried backwards from a buffer's end for the last progress frame or dict line
+
+
+class LongPiece:
+    """A piece longer than :data:`MAX_PIECE_BYTES`, read in bounded memory and linear time, in any chunks.
+
+    It keeps the first and the last :data:`KEEP_BYTES` whole and streams through the middle, searching it for
+    the NaN/Inf words a generic or JSON line is read for (ANSI codes removed, UTF-8 decoded across chunks);
+    of the first word found it keeps :data:`HIT_CONTEXT_CHARS` on each side. :meth:`text` is what the parser
+    reads: start, `` … ``, the word with its context, `` … ``, end. So a NaN anywhere in a line of any length
+    is found; a ``--pattern`` sees only the start, the first NaN word and the end of such a line.
+    """
+
+    _SEP = " \u2026 "  # " … ": no word character, so nothing on either side is glued into one word or key=value
+    _BEHIND = 16  # characters kept before the unsearched text: more than NONFINITE_WORD's lookbehind needs
+
+    def __init__(self) -> None:
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.hit: str | None = None
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending = ""  # middle text not searched yet, after _BEHIND characters of context
+        self._ansi_hold = b""  # an ANSI code cut by a chunk boundary, until its end arrives
+        self._started = False
+
+    def add(self, data: bytes) -> None:
+        """Append the next bytes of the piece (any size; searched 1 MiB at a time)."""
+        for at in range(0, len(data), 1 << 20):
+            self._add(memoryview(data)[at: at + (1 << 20)])
+
+    def _add(self, view: memoryview) -> None:
+        room = KEEP_BYTES - len(self.head)
+        if room > 0:
+            self.head += view[:room]
+            view = view[room:]
+        if not view:
+            return
+        self.tail += view
+        if len(self.tail) > 2 * KEEP_BYTES:  # trimmed in halves: each byte is copied O(1) times
+            excess = bytes(self.tail[:-KEEP_BYTES])
+            del self.tail[:-KEEP_BYTES]
+            self._search(excess)
+
+    def _search(self, raw: bytes) -> None:
+        if not self._started:
+            self._started = True
+            self._pending = _text(bytes(self.head[-self._BEHIND:]))  # context for a word right at the middle's start
+        if self.hit is not None:
+            return
+        raw = self._ansi_hold + raw
+        cut = raw.rfind(b"\x1b", max(len(raw) - 32, 0))
+        if cut != -1 and _ANSI.match(raw, cut) is None:
+            raw, self._ansi_hold = raw[:cut], raw[cut:]
+        else:
+            self._ansi_hold = b""
+        if b"\x1b" in raw:
+            raw = _ANSI.sub(b"", raw)
+        start = min(len(self._pending), self._BEHIND)
+        text = self._pending + self._decoder.decode(raw)
+        found = NONFINITE_WORD.search(text, start, max(len(text) - HIT_CONTEXT_CHARS, start))
+        if found is not None:
+            # a match found in the search window may look past its end for its lookahead: text goes on
+            self.hit = text[max(found.start() - HIT_CONTEXT_CHARS, 0): found.start() + HIT_CONTEXT_CHARS]
+            self._pending = ""
+            return
+        self._pending = text[-(HIT_CONTEXT_CHARS + self._BEHIND):]
+
+    def text(self) -> str:
+        """The piece as the parser reads it (see the class docstring)."""
+        if not self._started:  # nothing was left out: start and end are one text
+            return _text(bytes(self.head + self._ansi_hold + self.tail))
+        head = _text(bytes(self.head))
+        unsearched = self._pending[self._BEHIND:] if self.hit is None else ""
+        tail = unsearched + _text(self._ansi_hold + bytes(self.tail))
+        parts = [head] + ([self.hit] if self.hit is not None else []) + ([tail] if tail else [])
+        return self._SEP.join(parts)
+
+    def __bool__(self) -> bool:
+        return bool(self.head.strip(b"\r\n") or self.tail.strip(b"\r\n") or self.hit)
+
+    @classmethod
+    def of(cls, raw: bytes) -> LongPiece:
+        piece = cls()
+        piece.add(raw)
+        return piece
 
 
 class LogScanner:
@@ -52,6 +149,8 @@ class LogScanner:
         self._parser = PieceParser(fmt, pattern)
         self._result = ScanResult(source=source, format=self._parser.format)
         self._carry = b""
+        self._long: LongPiece | None = None  # the carried piece, once it outgrew MAX_PIECE_BYTES
+        self._carry_size = 0  # bytes of the carried piece (all of them, also those a LongPiece left out)
         self._offset = 0  # stream offset of self._carry's first byte
         self._head_offset = 0
         self._position: LogEvent | None = None  # the last event that says where training is
@@ -80,9 +179,10 @@ class LogScanner:
 
     def finish(self) -> list[LogEvent]:
         """Read the trailing piece that no line break ended yet (call at the end of the stream)."""
-        piece, base = self._carry, self._offset
-        self._carry, self._offset = b"", self._offset + len(piece)
-        event = self._piece(piece, base) if piece.strip(b"\r\n") else None
+        piece, base = self._carried(), self._offset
+        self._offset += self._carry_size
+        self._carry, self._long, self._carry_size = b"", None, 0
+        event = self._piece(piece, base) if piece and (isinstance(piece, LongPiece) or piece.strip(b"\r\n")) else None
         return [] if event is None else [event]
 
     def result(self) -> ScanResult:
@@ -96,27 +196,47 @@ class LogScanner:
         return out
 
     # ------------------------------------------------------------------ internals
-    def _take(self, chunk: bytes) -> tuple[bytes | None, int, int, int]:
+    def _take(self, chunk: bytes) -> tuple[bytes | LongPiece | None, int, int, int]:
         """Split carry + ``chunk`` without copying ``chunk``: the piece the carry completes (or None), and the
         range ``[lo, hi)`` of ``chunk`` holding whole pieces, with the stream offset of ``chunk[0]``.
 
         Copying an 8 MiB buffer to glue a few carried bytes in front of it would cost as much as searching it.
         """
         self._result.bytes_scanned += len(chunk)
-        base = self._offset + len(self._carry)
+        base = self._offset + self._carry_size
         first = _first_break(chunk)
         if first == -1:  # no line break yet: the whole chunk continues the carried piece
-            self._carry += chunk
+            self._carry_more(chunk)
             return None, 0, 0, base
-        head = self._carry + chunk[:first]
+        self._carry_more(chunk[:first])
+        head = self._carried()
         head_offset = self._offset
         hi = max(chunk.rfind(b"\n"), chunk.rfind(b"\r")) + 1
-        self._carry, self._offset = chunk[hi:], base + hi
+        self._carry, self._long, self._carry_size, self._offset = chunk[hi:], None, len(chunk) - hi, base + hi
         self._head_offset = head_offset
         return head, first + 1, hi, base
 
-    def _piece(self, raw: bytes, offset: int) -> LogEvent | None:
-        event = self._parser.parse(_text(raw), offset)
+    def _carry_more(self, data: bytes) -> None:
+        """Append to the carried piece: kept whole up to MAX_PIECE_BYTES, then as a :class:`LongPiece`
+        (gluing bytes objects would copy the whole carry for every chunk: quadratic for a long line)."""
+        self._carry_size += len(data)
+        if self._long is not None:
+            self._long.add(data)
+        elif self._carry_size > MAX_PIECE_BYTES:
+            self._long = LongPiece()
+            self._long.add(self._carry)
+            self._long.add(data)
+            self._carry = b""
+        elif data:
+            self._carry += data  # at most MAX_PIECE_BYTES: bounded copies
+
+    def _carried(self) -> bytes | LongPiece:
+        return self._long if self._long is not None else self._carry
+
+    def _piece(self, raw: bytes | LongPiece, offset: int) -> LogEvent | None:
+        if isinstance(raw, bytes) and len(raw) > MAX_PIECE_BYTES:
+            raw = LongPiece.of(raw)
+        event = self._parser.parse(raw.text() if isinstance(raw, LongPiece) else _text(raw), offset)
         if event is not None:
             self._fold(event)
         return event
@@ -336,18 +456,16 @@ def sniff_format(path: Path, head: bytes, fmt: str) -> str:
     return "lines"
 
 
-def _open(path: Path) -> tuple[int, bytes]:
+def open_log(path: Path) -> tuple[int, bytes]:
+    """Open a log for reading: the descriptor and its first :data:`SNIFF_BYTES`. Refuses (one line naming the
+    file) what is missing or unreadable, a folder, a FIFO or device (checked on the open descriptor, which a FIFO
+    cannot block: :func:`nanguard.paths.open_regular_file`) and a binary file."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as err:
-        raise LogScanError(f"{path}: {err.strerror or err}") from None
+        fd = open_regular_file(path, "log file")
+    except BadPath as err:
+        raise LogScanError(str(err)) from None
     try:
-        if os.path.isdir(path):
-            raise LogScanError(f"{path}: is a folder, not a log file")
         head = os.pread(fd, SNIFF_BYTES, 0)
-    except LogScanError:
-        os.close(fd)
-        raise
     except OSError as err:
         os.close(fd)
         raise LogScanError(f"{path}: {err.strerror or err}") from None
@@ -359,7 +477,7 @@ def _open(path: Path) -> tuple[int, bytes]:
 
 def check_readable(path: str | os.PathLike[str]) -> None:
     """Raise :class:`LogScanError` (naming the file) unless ``path`` is a readable text file."""
-    fd, _ = _open(Path(path))
+    fd, _ = open_log(Path(path))
     os.close(fd)
 
 
@@ -373,7 +491,7 @@ def scan_file(path: str | os.PathLike[str], fmt: str = "auto", pattern: str | No
     """
     file = Path(path)
     scanner = LogScanner(fmt, pattern, source=str(path))
-    fd, head = _open(file)
+    fd, head = open_log(file)
     try:
         reading = sniff_format(file, head, fmt)
         if reading == "trainer-state":
