@@ -52,7 +52,7 @@ def test_run_folder_that_cannot_be_written_is_refused(tmp_path: Path) -> None:
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a folder")
     model = nn.Linear(2, 2)
-    with pytest.raises(nanguard.NanguardError, match=r"file.txt/run/.nanguard/journal.db: cannot create"):
+    with pytest.raises(nanguard.NanguardError, match=r"file.txt/run/.nanguard: cannot create"):
         nanguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=blocker / "run")
     assert blocker.read_text() == "not a folder"
 

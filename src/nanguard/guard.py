@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,18 +158,20 @@ class Guard:
         if dirty:
             names = ", ".join(t for f in dirty for t in f.tensors)
             raise ValueError(f"the training state already holds non-finite values before the first step: {names}")
-        # A Guard that writes disk snapshots is the folder's one snapshot writer: a second one (another process,
-        # or a Guard of this one not closed) is refused here, before anything is written, since their rotations
-        # would delete each other's files. Its own lock, not the run lock, so `nanguard run -- python train.py`
+        # A Guard is its run folder's one in-process writer for its life: it writes the journal, disk snapshots and
+        # (integrations) the framework's checkpoints. A second Guard on the folder (another process, or one of
+        # this process not closed) and `nanguard rollback`/`undo` are refused while it lives, before anything
+        # is written: two snapshot rotations would delete each other's files, and a rollback would rewrite
+        # files under a live training. Its own lock, not the run lock, so `nanguard run -- python train.py`
         # (the supervisor holds the run lock) does not refuse its own guarded child; the kernel drops it when
-        # the process dies. See nanguard.runs.lock.
-        self._snapshot_lock = (guard_lock(run_dir, f"Guard in pid {os.getpid()} writing snapshots")
-                               if self.policy.disk_snapshot_every_steps is not None else None)
+        # the process dies, and close() (or garbage collection of an unclosed Guard) releases it. See
+        # nanguard.runs.lock.
+        self._folder_lock = guard_lock(run_dir, f"Guard in pid {os.getpid()}")
+        weakref.finalize(self, self._folder_lock.release)
         try:
             self.journal = Journal(run_dir)
         except BaseException:
-            if self._snapshot_lock is not None:
-                self._snapshot_lock.release()
+            self._folder_lock.release()
             raise
         self.run_id = self.journal.start_run(policy=self.policy.to_dict(), rank=self.rank,
                                              torch_version=torch.__version__)
@@ -574,8 +577,7 @@ class Guard:
         self._write_metrics()
         self.journal.end_run(self.run_id, status)
         self.journal.close()
-        if self._snapshot_lock is not None:
-            self._snapshot_lock.release()
+        self._folder_lock.release()
 
     def __enter__(self) -> Guard:
         return self

@@ -5,8 +5,8 @@ Three lock files live in ``<run_dir>/.nanguard/``, all held the same way by :fun
 - ``lock`` (:func:`run_lock`): the writer of the run folder's own files (``weights/*.pt``, ``results.csv``):
   ``nanguard rollback`` and ``nanguard undo`` while they run, and ``nanguard run`` for the whole time it
   supervises (its training alive or between restarts; its own rollbacks run under the lock it holds).
-- ``guard.lock`` (:func:`guard_lock`): a :class:`~nanguard.guard.Guard` that writes disk snapshots, for its
-  life. It is not ``lock`` because ``nanguard run -- python train.py`` supervises a guarded script: the
+- ``guard.lock`` (:func:`guard_lock`): a :class:`~nanguard.guard.Guard`, for its life (it writes the journal,
+  disk snapshots and, inside Ultralytics, the run's checkpoints). It is not ``lock`` because ``nanguard run -- python train.py`` supervises a guarded script: the
   supervisor (holding ``lock``) and its own child (holding ``guard.lock``) must not refuse each other, while a
   second Guard on the same folder must be refused. Rollback and undo take both: they refuse a live Guard too.
 - ``supervisor.pid`` (:func:`nanguard.supervise.state.pid_lock`): one ``nanguard run`` per folder.
@@ -87,7 +87,10 @@ def acquire(path: Path, purpose: str, refusal: str) -> HeldLock:
         RunLocked: a live process holds it; the message is ``{path}: {refusal} (held by {holder})``.
     """
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise JournalError(f"{path}: cannot open the lock file ({err.strerror or err})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -143,20 +146,24 @@ def holder_text(raw: bytes) -> str:
 
 
 RUN_REFUSAL = "the run folder is being changed by another nanguard process; wait for it to finish"
-GUARD_REFUSAL = "a live nanguard Guard writes snapshots into this run folder"
+GUARD_REFUSAL = "a live nanguard Guard is training in this run folder"
 
 
 def state_folder(run_dir: str | Path, *, create: bool) -> Path:
     """``<run_dir>/.nanguard``, made when ``create`` (its run folder must exist: call it only on a real run).
 
     Raises:
-        JournalError: it exists and is not a folder (the same refusal with or without ``create``).
+        JournalError: it exists and is not a folder (the same refusal with or without ``create``), or it
+            cannot be created.
     """
     folder = Path(run_dir) / JOURNAL_DIR
     if folder.exists() and not folder.is_dir():
         raise JournalError(f"{folder}: not a folder; nanguard keeps the run's journal, locks and backups there")
     if create:
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise JournalError(f"{folder}: cannot create nanguard's folder ({err.strerror or err})") from None
     return folder
 
 
@@ -170,7 +177,7 @@ def run_lock(run_dir: str | Path, purpose: str) -> HeldLock:
 
 
 def guard_lock(run_dir: str | Path, purpose: str) -> HeldLock:
-    """Hold ``<run_dir>/.nanguard/guard.lock``: the one Guard that writes disk snapshots into the folder.
+    """Hold ``<run_dir>/.nanguard/guard.lock``: the one live Guard training in the folder (journal, snapshots).
 
     Raises:
         RunLocked: another live Guard (or a rollback or undo) holds it; the message names the holder.
