@@ -41,8 +41,8 @@ MAX_DEPTH = 1000
 stops near Python's recursion limit (1000), so no real pickler writes a deeper tree."""
 
 SCAN_FACTOR = 4
-SCAN_SLACK_ELEMENTS = 1 << 24
-"""The audit scans at most 4 times the bytes its tensors' storages span, plus 16M elements: a pickle can name
+SCAN_SLACK_BYTES = 64 * 1024 * 1024
+"""The audit scans at most 4 times the bytes its tensors' views span, plus 64 MiB: a pickle can name
 one storage (or one stride-0 element) a million times at 3 bytes per reference, so the work must be bounded
 by what the file holds, not by how often it is referenced. Real overlapping views (a fused ``qkv`` weight
 saved beside its slices) stay far below 4x."""
@@ -66,7 +66,7 @@ class Buffer(Protocol):
 # then that many bytes; ("line", k) k newline-terminated lines; ("put", n) a memo index of n bytes (0: a line).
 _NONE = ("fixed", 0)
 _LAYOUT: dict[int, tuple[Any, ...]] = {
-    **{ord(c): _NONE for c in "(.012NRbaelds}ut)oQ"},
+    **{ord(c): _NONE for c in "(.012NRbaelds}ut)oQ]"},
     **{c: _NONE for c in (0x88, 0x89, 0x85, 0x86, 0x87, 0x81, 0x92, 0x93, 0x94, 0x8F, 0x90, 0x91, 0x97, 0x98)},
     ord("J"): ("fixed", 4), ord("K"): ("fixed", 1), ord("M"): ("fixed", 2), ord("G"): ("fixed", 8),
     ord("h"): ("fixed", 1), ord("j"): ("fixed", 4),  # BINGET, LONG_BINGET: a missing entry is the unpickler's error
