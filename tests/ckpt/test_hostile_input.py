@@ -3,7 +3,6 @@ time, with one documented verdict; nothing hangs, nothing blows up, nothing runs
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -209,7 +208,8 @@ def test_nan_written_as_text_in_ultralytics_history_is_dirty(tmp_path: Path) -> 
 def _address_space_cap(extra: int = 2 << 30) -> Iterator[None]:
     """Cap this process's address space at its current size plus ``extra`` (soft limit), then restore it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+    status = Path("/proc/self/status").read_text().splitlines()
+    size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize"))
     resource.setrlimit(resource.RLIMIT_AS, (min(size + extra, hard) if hard > 0 else size + extra, hard))
     try:
         yield

@@ -252,7 +252,7 @@ def guarded(path: str | Path, judge: Callable[[CheckpointTree], _Result],
     """
     try:
         return judge(read_checkpoint(path))
-    except Exception as exc:  # noqa: BLE001 - the promise is precisely "any exception"
+    except Exception as exc:
         return unreadable(unreadable_verdict(path, exc))
 
 

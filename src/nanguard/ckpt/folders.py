@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from nanguard.ckpt.base import CHECKPOINT_SUFFIXES
+from nanguard.ckpt.pickle_scan import inert_load_bounded
 from nanguard.ckpt.stfile import read_safetensors
 from nanguard.ckpt.torchfile import ZIP_MAGIC, MappedFile, read_legacy, read_pickle_file, read_zip, sniff
-from nanguard.ckpt.pickle_scan import inert_load_bounded
 from nanguard.ckpt.unpickler import InertObject, module_state
 
 DCP_METADATA = ".metadata"
