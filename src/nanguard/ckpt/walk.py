@@ -28,7 +28,7 @@ _MODULE_SLOTS = ("_parameters", "_buffers", "_modules")
 MAX_TEXT_NUMBER_CHARS = 64
 """Longest string read as a number: a float's text is ~25 characters; a longer one is text, not a metric."""
 
-_LOCATION_CHARS = 200
+_LOCATION_CHARS = 60
 """A location in a refusal message is cut to this many characters (a deep one would be kilobytes)."""
 
 
