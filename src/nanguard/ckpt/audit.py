@@ -10,9 +10,10 @@ module never unpickles with real classes.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -34,8 +35,9 @@ from nanguard.ckpt.base import (
     is_allowed_global,
 )
 from nanguard.ckpt.folders import find_checkpoints
-from nanguard.ckpt.formats import read_checkpoint, run_position
-from nanguard.ckpt.walk import Leaf, iter_leaves
+from nanguard.ckpt.formats import describe_error, read_checkpoint, run_position
+from nanguard.ckpt.pickle_scan import SCAN_FACTOR, SCAN_SLACK_BYTES, CheckpointLimit
+from nanguard.ckpt.walk import Leaf, iter_leaves, text_number
 from nanguard.errors import NoCheckpointsFound, UnreadableCheckpoint
 
 
@@ -86,7 +88,7 @@ def _tensor_findings(leaf: Leaf, tensor: torch.Tensor, area: Area, sentinel: boo
         if count:
             out.append(Finding(where, Kind.FP16_SATURATED, count, _first_index(mask), area, numel))
     all_zero = low_v == 0.0 and high_v == 0.0
-    name = leaf.path[-1] if leaf.path else ""
+    name = leaf.name
     if all_zero and area in (Area.MODEL, Area.EMA, Area.OTHER):
         if name == "weight" and tensor.dim() >= 2:
             out.append(Finding(where, Kind.ZERO_WEIGHT, numel, (), area, numel))
@@ -115,21 +117,86 @@ def _scalar_findings(leaf: Leaf, values: list[float], area: Area, sentinel: bool
         Finding(leaf.location, kind, len(idx), () if scalar else (idx[0],), area, len(values))
         for kind, idx in counts.items()
     ]
-    name = leaf.path[-1] if leaf.path else ""
+    name = leaf.name
     if area is Area.SCALER and name == "scale" and scalar and math.isfinite(values[0]) and values[0] <= 0:
         out.append(Finding(leaf.location, Kind.BAD_SCALE, 1, (), area, 1))
     return out
 
 
+TEXT_NUMBER_AREAS = frozenset({Area.METRICS, Area.HISTORY})
+"""Where a number written as text (``'nan'``) is judged: metrics and histories, which polars and loggers write
+as text. Elsewhere a string is a name (a class called ``'nan'`` in ``train_args`` is not a finding)."""
+
+
+def _scalar_values(value: Any, area: Area) -> list[float]:
+    """The float of each element of a scalar or series leaf; ints (finite by nature, possibly too big for a
+    float) are clamped into the float range, text counts only in :data:`TEXT_NUMBER_AREAS`."""
+    out: list[float] = []
+    for v in value if isinstance(value, list | tuple) else [value]:
+        if isinstance(v, str):
+            number = text_number(v) if area in TEXT_NUMBER_AREAS else None
+            out.append(0.0 if number is None else number)
+        elif isinstance(v, float | np.floating):
+            out.append(float(v))
+        else:
+            try:
+                out.append(float(v))
+            except OverflowError:
+                out.append(sys.float_info.max if v > 0 else -sys.float_info.max)
+    return out
+
+
+def _span_bytes(tensor: torch.Tensor) -> tuple[int, int]:
+    """The byte range of memory a tensor's view covers."""
+    extent = sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride(), strict=True)) + 1
+    start = tensor.data_ptr()
+    return start, start + extent * tensor.element_size()
+
+
+def check_scan_budget(leaves: list[Leaf]) -> None:
+    """Refuse tensors that would scan far more bytes than the memory they view (stride-0 or repeated views).
+
+    Raises:
+        CheckpointLimit: past :data:`~nanguard.ckpt.pickle_scan.SCAN_FACTOR` times the bytes held plus
+            :data:`~nanguard.ckpt.pickle_scan.SCAN_SLACK_BYTES`.
+    """
+    scanned, spans = 0, []
+    for leaf in leaves:
+        value = leaf.value
+        if isinstance(value, torch.Tensor) and not value.is_meta and value.numel():
+            scanned += value.numel() * value.element_size()
+            spans.append(_span_bytes(value))
+    if scanned <= SCAN_SLACK_BYTES:
+        return
+    held, reach = 0, -1
+    for start, end in sorted(spans):
+        if end > reach:
+            held += end - max(start, reach)
+            reach = end
+    if scanned > SCAN_FACTOR * held + SCAN_SLACK_BYTES:
+        raise CheckpointLimit(
+            f"tensor views would scan {scanned} bytes of elements, over {SCAN_FACTOR}x the {held} bytes their "
+            f"storages hold plus {SCAN_SLACK_BYTES >> 20} MiB"
+        )
+
+
 def find_problems(tree: CheckpointTree) -> list[Finding]:
-    """Every finding in ``tree``, in tree order, with the scrubbed summaries last."""
+    """Every finding in ``tree``, in tree order, with the scrubbed summaries last.
+
+    Raises:
+        CheckpointLimit: the tree is deeper than the walk accepts, or its tensors would scan far more than
+            the file holds.
+    """
     root = tree.root
     flat = isinstance(root, dict) and bool(root) and all(isinstance(v, torch.Tensor) for v in root.values())
     findings: list[Finding] = []
     floating: dict[str, list[int]] = {}  # top-level model/EMA key -> [floating tensors, all-zero ones]
-    for leaf in iter_leaves(root):
-        area = area_of(leaf.path, flat)
-        sentinel = bool(leaf.path) and leaf.path[-1] in INF_SENTINEL_KEYS
+    leaves = list(iter_leaves(root))
+    check_scan_budget(leaves)
+    for leaf in leaves:
+        top = leaf.top
+        area = area_of(() if top is None else (top,), flat)
+        sentinel = leaf.name in INF_SENTINEL_KEYS
         value = leaf.value
         if isinstance(value, np.ndarray):
             if value.dtype.kind not in "fc":
@@ -139,17 +206,16 @@ def find_problems(tree: CheckpointTree) -> list[Finding]:
             found, zero = _tensor_findings(leaf, value, area, sentinel and value.numel() <= 1)
             findings.extend(found)
             if area in (Area.MODEL, Area.EMA) and value.is_floating_point() and value.numel():
-                top = "" if flat else leaf.path[0]
-                counter = floating.setdefault(top, [0, 0])
+                key = "" if flat or top is None else top
+                counter = floating.setdefault(key, [0, 0])
                 counter[0] += 1
                 counter[1] += int(zero)
         else:
-            values = [float(v) for v in (value if isinstance(value, list | tuple) else [value])]
-            findings.extend(_scalar_findings(leaf, values, area, sentinel))
-    for top, (total, zeros) in floating.items():
+            findings.extend(_scalar_findings(leaf, _scalar_values(value, area), area, sentinel))
+    for top_key, (total, zeros) in floating.items():
         if total >= SCRUBBED_MIN_TENSORS and zeros > SCRUBBED_ZERO_FRACTION * total:
-            area = area_of((top,), flat) if top else Area.MODEL
-            findings.append(Finding(top or "<root>", Kind.SCRUBBED, zeros, (), area, total))
+            area = area_of((top_key,), flat) if top_key else Area.MODEL
+            findings.append(Finding(top_key or "<root>", Kind.SCRUBBED, zeros, (), area, total))
     return findings
 
 
@@ -162,17 +228,42 @@ def audit_tree(tree: CheckpointTree) -> Verdict:
     return Verdict(tree.path, status, findings, tree.globals, unsafe, tree.format, epoch, step, fitness)
 
 
+_Result = TypeVar("_Result")
+
+
+def unreadable_verdict(path: str | Path, exc: Exception) -> Verdict:
+    """The ``unreadable`` verdict for any failure of reading or judging ``path``, one line naming the file."""
+    if isinstance(exc, UnreadableCheckpoint):
+        error = str(exc)
+    elif isinstance(exc, CheckpointLimit):
+        error = f"{path}: refused ({exc})"
+    else:
+        error = f"{path}: cannot be audited ({describe_error(exc)})"
+    return Verdict(Path(path), Status.UNREADABLE, error=error)
+
+
+def guarded(path: str | Path, judge: Callable[[CheckpointTree], _Result],
+            unreadable: Callable[[Verdict], _Result]) -> _Result:
+    """Read ``path`` and ``judge`` the tree; any exception of either becomes ``unreadable(verdict)``.
+
+    This is the one place where the promise "no input raises anything but a verdict" is kept: hostile bytes
+    can fail deep inside the C unpickler, torch or numpy with any exception type (MemoryError and
+    RecursionError included), and every one of them names the file in one line.
+    """
+    try:
+        return judge(read_checkpoint(path))
+    except Exception as exc:
+        return unreadable(unreadable_verdict(path, exc))
+
+
 def audit(path: str | Path) -> Verdict:
     """Audit one checkpoint file or folder without executing code from it.
 
     Returns:
-        The verdict. An unreadable checkpoint gives status ``unreadable`` with ``error`` set, not an exception.
+        The verdict. An unreadable checkpoint, or one the reader refuses (see docs/checkpoints.md, "Limits"),
+        gives status ``unreadable`` with ``error`` set, never an exception.
     """
-    try:
-        tree = read_checkpoint(path)
-    except UnreadableCheckpoint as exc:
-        return Verdict(Path(path), Status.UNREADABLE, error=str(exc))
-    return audit_tree(tree)
+    return guarded(path, audit_tree, lambda verdict: verdict)
 
 
 def audit_paths(paths: Iterable[str | Path]) -> list[Verdict]:
@@ -197,10 +288,10 @@ def _top_keys(root: Any) -> list[str]:
 
 def inspect_checkpoint(path: str | Path) -> Inspection:
     """Format, epoch/step, fitness, top-level keys, tensor count, bytes and dtypes, and the verdict."""
-    try:
-        tree = read_checkpoint(path)
-    except UnreadableCheckpoint as exc:
-        return Inspection(Verdict(Path(path), Status.UNREADABLE, error=str(exc)))
+    return guarded(path, _inspect_tree, Inspection)
+
+
+def _inspect_tree(tree: CheckpointTree) -> Inspection:
     inspection = Inspection(audit_tree(tree), _top_keys(tree.root))
     for leaf in iter_leaves(tree.root):
         if isinstance(leaf.value, torch.Tensor):

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import pickle
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from nanguard.ckpt.base import CHECKPOINT_SUFFIXES
+from nanguard.ckpt.pickle_scan import inert_load_bounded
 from nanguard.ckpt.stfile import read_safetensors
 from nanguard.ckpt.torchfile import ZIP_MAGIC, MappedFile, read_legacy, read_pickle_file, read_zip, sniff
-from nanguard.ckpt.unpickler import InertObject, inert_loads, module_state
+from nanguard.ckpt.unpickler import InertObject, module_state
 
 DCP_METADATA = ".metadata"
 HF_STATE = "trainer_state.json"
@@ -141,7 +143,7 @@ def read_dcp_folder(path: Path) -> tuple[dict[str, Any], list[str], list[Path]]:
         else:
             with file.open("rb") as f:
                 f.seek(start)
-                value, names = inert_loads(f.read(length))
+                value, names, _ = inert_load_bounded(f.read(length))
         globals_.extend(names)
         key = fqn if chunks[fqn] == 1 and not any(offset) else f"{fqn}@{','.join(map(str, offset))}"
         root[key] = value
@@ -150,13 +152,34 @@ def read_dcp_folder(path: Path) -> tuple[dict[str, Any], list[str], list[Path]]:
 
 def find_checkpoints(folder: Path) -> list[Path]:
     """Every checkpoint under ``folder``: files with a checkpoint suffix, and HF/DCP folders as units (their
-    inner files are not listed again). Sorted by path."""
-    if is_dcp_folder(folder) or is_hf_folder(folder):
-        return [folder]
+    inner files are not listed again). Sorted by path.
+
+    Symlinks are followed, but each real folder and each real file is visited once (by device and inode), so
+    ``a -> .`` cannot loop and a link to a file already listed is not listed again. Dangling links, special
+    files (FIFOs, devices) and folders that cannot be listed are skipped: they hold no checkpoint to audit.
+    """
+    seen: set[tuple[int, int]] = set()
     found: list[Path] = []
-    for entry in sorted(folder.iterdir()):
-        if entry.is_dir():
-            found.extend(find_checkpoints(entry))
-        elif entry.is_file() and entry.suffix in CHECKPOINT_SUFFIXES:
-            found.append(entry)
-    return found
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        try:
+            info = current.stat()
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        if current is not folder and not stat.S_ISDIR(info.st_mode):
+            if stat.S_ISREG(info.st_mode) and current.suffix in CHECKPOINT_SUFFIXES:
+                found.append(current)
+            continue
+        try:
+            if is_dcp_folder(current) or is_hf_folder(current):
+                found.append(current)
+                continue
+            entries = sorted(current.iterdir())
+        except OSError:
+            continue
+        pending.extend(reversed(entries))
+    return sorted(found)

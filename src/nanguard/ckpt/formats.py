@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import stat
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 
 from nanguard.ckpt.base import CheckpointTree, Format
 from nanguard.ckpt.folders import is_dcp_folder, is_hf_folder, read_dcp_folder, read_file_tree, read_hf_folder
+from nanguard.ckpt.pickle_scan import CheckpointLimit
 from nanguard.ckpt.stfile import SafetensorsError
 from nanguard.ckpt.unpickler import InertObject
 from nanguard.errors import UnreadableCheckpoint
@@ -49,13 +51,18 @@ def read_checkpoint(path: str | Path) -> CheckpointTree:
                 root, globals_, files = read_hf_folder(path)
                 return CheckpointTree(path, Format.HUGGINGFACE, root, _sorted(globals_), tuple(files), "folder")
             raise UnreadableCheckpoint(f"{path}: folder is neither a HF Trainer nor a DCP checkpoint")
-        if path.stat().st_size == 0:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the first read, /dev/zero never end
+            raise UnreadableCheckpoint(f"{path}: not a regular file")
+        if info.st_size == 0:
             raise UnreadableCheckpoint(f"{path}: empty file")
         root, globals_, container = read_file_tree(path)
         fmt = Format.SAFETENSORS if container == "safetensors" else detect_format(root)
         return CheckpointTree(path, fmt, root, _sorted(globals_), (path,), container)
     except UnreadableCheckpoint:
         raise
+    except CheckpointLimit as exc:
+        raise UnreadableCheckpoint(f"{path}: refused ({exc})") from None
     except zipfile.BadZipFile as exc:
         raise UnreadableCheckpoint(f"{path}: truncated or corrupt zip container ({exc})") from None
     except (pickle.UnpicklingError, SafetensorsError, EOFError) as exc:
@@ -63,7 +70,13 @@ def read_checkpoint(path: str | Path) -> CheckpointTree:
     except OSError as exc:
         raise UnreadableCheckpoint(f"{path}: cannot read ({exc.strerror or exc})") from None
     except Exception as exc:  # any failure of hostile bytes is "unreadable", never a traceback
-        raise UnreadableCheckpoint(f"{path}: corrupt checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise UnreadableCheckpoint(f"{path}: corrupt checkpoint ({describe_error(exc)})") from None
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` of an unexpected failure, one line of at most 200 characters of message."""
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _sorted(globals_: list[str]) -> tuple[str, ...]:
@@ -87,7 +100,10 @@ def as_float(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float | np.integer | np.floating):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond the float range: no position a run could have recorded
+            return None
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta and not value.is_complex():
         return float(value.reshape(()).item())
     return None

@@ -9,6 +9,7 @@ read through a byte window. It interprets nothing in the tree: :mod:`nanguard.ck
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import pickle
 import struct
@@ -18,7 +19,13 @@ from typing import Any
 
 import torch
 
-from nanguard.ckpt.unpickler import InertUnpickler, inert_loads
+from nanguard.ckpt.pickle_scan import (
+    INFLATE_SLACK_BYTES,
+    MAX_INFLATE_RATIO,
+    MAX_INFLATED_PICKLE_BYTES,
+    CheckpointLimit,
+    inert_load_bounded,
+)
 
 ZIP_MAGIC = b"PK\x03\x04"
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -113,16 +120,31 @@ def read_zip(mapped: MappedFile, start: int = 0, length: int | None = None) -> t
                 raise pickle.UnpicklingError("zip holds no torch data.pkl record")
             prefix = pickles[0][: -len("data.pkl")]
             byteorder = infos.get(prefix + "byteorder")
-            if byteorder is not None and zf.read(byteorder).strip() not in (b"little", b""):
+            if byteorder is not None and read_member(zf, byteorder, 16).strip() not in (b"little", b""):
                 raise pickle.UnpicklingError("big-endian checkpoints are not supported")
-            data = zf.read(pickles[0])
+            pickle_info = infos[pickles[0]]
+            stored = pickle_info.compress_type == zipfile.ZIP_STORED
+            data = read_member(zf, pickle_info, length if stored else MAX_INFLATED_PICKLE_BYTES)
+            inflated = [0, 0]  # bytes inflated from compressed storage records, and their compressed bytes
 
             def load_storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
                 info = infos.get(f"{prefix}data/{key}")
                 if info is None:
                     raise pickle.UnpicklingError(f"storage record {key!r} is missing")
+                nbytes = numel * _dtype_itemsize(dtype)
                 if info.compress_type != zipfile.ZIP_STORED:
-                    return typed_view(torch.frombuffer(bytearray(zf.read(info)), dtype=torch.uint8), dtype, numel)
+                    # Inflate only the bytes the pickle asks for, and only within the budget: checked before
+                    # inflating, so a zip bomb costs nothing.
+                    inflated[0] += nbytes
+                    inflated[1] += info.compress_size
+                    budget = INFLATE_SLACK_BYTES + MAX_INFLATE_RATIO * inflated[1]
+                    if inflated[0] > budget:
+                        raise CheckpointLimit(
+                            f"compressed storage records would inflate to {inflated[0]} bytes, over the limit of "
+                            f"{budget} (64 MiB + {MAX_INFLATE_RATIO}x their compressed size)"
+                        )
+                    raw = read_member(zf, info, nbytes)
+                    return typed_view(torch.frombuffer(bytearray(raw), dtype=torch.uint8), dtype, numel)
                 stream.seek(info.header_offset)
                 header = stream.read(_LOCAL_HEADER.size)
                 if len(header) != _LOCAL_HEADER.size or header[:4] != ZIP_MAGIC:
@@ -131,9 +153,24 @@ def read_zip(mapped: MappedFile, start: int = 0, length: int | None = None) -> t
                 offset = info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]
                 return typed_view(mapped.bytes_at(start + offset, info.file_size), dtype, numel)
 
-            unpickler = InertUnpickler(io.BytesIO(data), load_storage)
-            root = unpickler.load()
-            return root, list(unpickler.globals)
+            root, globals_, _ = inert_load_bounded(data, load_storage=load_storage)
+            return root, globals_
+
+
+def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """The bytes of zip member ``info``, reading (inflating) at most ``limit``: the declared size can lie.
+
+    Raises:
+        CheckpointLimit: the member holds more than ``limit`` bytes (only past ``limit`` is it refused).
+    """
+    with zf.open(info) as member:
+        data = member.read(limit + 1)
+    if len(data) > limit:
+        if info.compress_type == zipfile.ZIP_STORED:
+            raise CheckpointLimit(f"zip member {info.filename} is larger than the {limit} bytes it may hold")
+        mib = limit / (1024 * 1024)
+        raise CheckpointLimit(f"zip member {info.filename} inflates past the limit of {mib:g} MiB")
+    return data
 
 
 def _dtype_itemsize(dtype: torch.dtype) -> int:
@@ -143,39 +180,38 @@ def _dtype_itemsize(dtype: torch.dtype) -> int:
 def read_legacy(mapped: MappedFile) -> tuple[Any, list[str]]:
     """Read a pre-1.6 ``torch.save`` stream: magic, protocol, sys info, object, storage keys, raw storages.
 
-    The storages follow the object pickle, so the object is unpickled twice: first with placeholder meta
-    storages to learn each storage's dtype, then with views of the mapped file.
+    Each pickle is scanned for its exact extent and unpickled from that slice of a memory map (the raw
+    storages after it are never read into memory). The storages follow the object pickle, so the object is
+    unpickled twice: first with placeholder meta storages to learn each storage's dtype, then with views of
+    the mapped file.
     """
-    with mapped.path.open("rb") as f:
-        magic, _ = inert_loads_stream(f)
+    with mapped.path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        magic, _, pos = inert_load_bounded(data)
         if magic != LEGACY_MAGIC_NUMBER:
             raise pickle.UnpicklingError("not a torch checkpoint (bad magic number)")
-        protocol, _ = inert_loads_stream(f)
+        protocol, _, pos = inert_load_bounded(data, pos)
         if protocol != LEGACY_PROTOCOL_VERSION:
             raise pickle.UnpicklingError(f"unsupported legacy protocol {protocol!r}")
-        inert_loads_stream(f)  # sys_info
-        object_start = f.tell()
+        _, _, object_start = inert_load_bounded(data, pos)  # sys_info
         dtypes: dict[str, tuple[torch.dtype, int]] = {}
 
         def placeholder(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
             dtypes[key] = (dtype, numel)
             return torch.empty(numel, dtype=dtype, device="meta")
 
-        InertUnpickler(f, placeholder).load()
-        keys, _ = inert_loads_stream(f)
+        _, _, pos = inert_load_bounded(data, object_start, load_storage=placeholder)
+        keys, _, pos = inert_load_bounded(data, pos)
         if not isinstance(keys, list):
             raise pickle.UnpicklingError("legacy storage key list is missing")
         offsets: dict[str, int] = {}
-        pos = f.tell()
         for key in map(str, keys):
-            header = f.read(8)
+            header = data[pos : pos + 8]
             if len(header) != 8 or key not in dtypes:
                 raise pickle.UnpicklingError(f"legacy storage {key!r} is missing or truncated")
             numel = struct.unpack("<q", header)[0]
             dtype, _ = dtypes[key]
             offsets[key] = pos + 8
             pos += 8 + numel * _dtype_itemsize(dtype)
-            f.seek(pos)
 
         def load_storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
             if key not in offsets:
@@ -183,21 +219,14 @@ def read_legacy(mapped: MappedFile) -> tuple[Any, list[str]]:
             nbytes = numel * _dtype_itemsize(dtype)
             return typed_view(mapped.bytes_at(offsets[key], nbytes), dtype, numel)
 
-        f.seek(object_start)
-        unpickler = InertUnpickler(f, load_storage)
-        root = unpickler.load()
-        return root, list(unpickler.globals)
-
-
-def inert_loads_stream(f: Any) -> tuple[Any, list[str]]:
-    """Unpickle one object from the stream ``f`` inertly (no storages allowed)."""
-    unpickler = InertUnpickler(f)
-    return unpickler.load(), list(unpickler.globals)
+        root, globals_, _ = inert_load_bounded(data, object_start, load_storage=load_storage)
+        return root, globals_
 
 
 def read_pickle_file(mapped: MappedFile) -> tuple[Any, list[str]]:
     """Read a plain pickle file (no storages) inertly."""
-    return inert_loads(mapped.path.read_bytes())
+    root, globals_, _ = inert_load_bounded(mapped.path.read_bytes())
+    return root, globals_
 
 
 def sniff(path: Path) -> str:

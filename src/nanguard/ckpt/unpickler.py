@@ -372,8 +372,3 @@ class InertUnpickler(pickle.Unpickler):
             return self._storages.setdefault(str(view_key), Storage(storage.flat[offset : offset + size]))
         return storage
 
-
-def inert_loads(data: bytes, load_storage: LoadStorage | None = None) -> tuple[Any, list[str]]:
-    """Unpickle ``data`` inertly; returns the object and the globals it references."""
-    unpickler = InertUnpickler(io.BytesIO(data), load_storage)
-    return unpickler.load(), list(unpickler.globals)

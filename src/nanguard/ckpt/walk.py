@@ -1,9 +1,12 @@
 """walk.py owns naming the values of a checkpoint tree: it yields every numeric leaf with its dotted path.
 
 Pickled ``nn.Module`` records are named by module path (``ema.model.0.conv.weight``), the way
-``state_dict()`` would name them; lists of numbers (results histories) are one leaf. The walk is
-iterative and visits each container once, so deep or cyclic trees from hostile files cannot overflow the
-stack or loop. It judges nothing.
+``state_dict()`` would name them; lists of numbers (results histories) are one leaf, and so are numbers
+written as text (``'nan'``, ``'0.123'``: polars types a results.csv column holding a ``nan`` as strings). The
+walk is iterative and visits each object once (a tensor referenced a million times, or rebuilt a million
+times as the same view, is yielded once), so hostile trees cannot overflow the stack, loop or multiply the
+work. Each value's path is a chain of parent links, so depth costs linear time; past
+:data:`~nanguard.ckpt.pickle_scan.MAX_DEPTH` levels the walk refuses the tree. It judges nothing.
 """
 
 from __future__ import annotations
@@ -15,19 +18,68 @@ from typing import Any
 import numpy as np
 import torch
 
+from nanguard.ckpt.pickle_scan import MAX_DEPTH, CheckpointLimit
 from nanguard.ckpt.unpickler import InertObject, module_state
 
 Path = tuple[str, ...]
 
 _MODULE_SLOTS = ("_parameters", "_buffers", "_modules")
 
+MAX_TEXT_NUMBER_CHARS = 64
+"""Longest string read as a number: a float's text is ~25 characters; a longer one is text, not a metric."""
+
+_LOCATION_CHARS = 60
+"""A location in a refusal message is cut to this many characters (a deep one would be kilobytes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One step of a path: its name, its parent, its depth and the first name of the path (the top key)."""
+
+    parent: Node | None
+    name: str
+    depth: int
+    top: str
+
+    @staticmethod
+    def child(parent: Node | None, name: str) -> Node:
+        """The node named ``name`` under ``parent`` (None: under the root)."""
+        if parent is None:
+            return Node(None, name, 1, name)
+        return Node(parent, name, parent.depth + 1, parent.top)
+
+    def names(self) -> Path:
+        """The names from the top to this node."""
+        out: list[str] = []
+        node: Node | None = self
+        while node is not None:
+            out.append(node.name)
+            node = node.parent
+        return tuple(reversed(out))
+
 
 @dataclass(frozen=True, slots=True)
 class Leaf:
-    """A numeric value in the tree: a tensor, a numpy array or scalar, a float, or a list of numbers."""
+    """A numeric value in the tree: a tensor, a numpy array or scalar, a float, a number written as text, or
+    a list of numbers."""
 
-    path: Path
+    node: Node | None
     value: Any
+
+    @property
+    def path(self) -> Path:
+        """The names from the root to this value (built on demand: linear in the depth)."""
+        return self.node.names() if self.node is not None else ()
+
+    @property
+    def name(self) -> str:
+        """The last name of the path (``weight``, ``running_var``); empty for the root."""
+        return self.node.name if self.node is not None else ""
+
+    @property
+    def top(self) -> str | None:
+        """The first name of the path (the top-level key), None for the root."""
+        return self.node.top if self.node is not None else None
 
     @property
     def location(self) -> str:
@@ -35,18 +87,36 @@ class Leaf:
         return ".".join(self.path) or "<root>"
 
 
+def text_number(text: str) -> float | None:
+    """The number a string spells (``'nan'``, ``' -Inf'``, ``'0.123'``), or None when it spells none."""
+    if len(text) > MAX_TEXT_NUMBER_CHARS:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
 
 
 def is_series(value: Any) -> bool:
-    """A non-empty list or tuple of real numbers with at least one float (a metric history)."""
-    return (
-        isinstance(value, list | tuple)
-        and len(value) > 0
-        and all(_is_number(v) for v in value)
-        and any(isinstance(v, float | np.floating) for v in value)
-    )
+    """A non-empty list or tuple of real numbers (or numbers written as text) with at least one float or
+    text number (a metric history)."""
+    if not isinstance(value, list | tuple) or not value:
+        return False
+    has_float = False
+    for v in value:
+        if isinstance(v, float | np.floating):
+            has_float = True
+        elif isinstance(v, str):
+            if text_number(v) is None:
+                return False
+            has_float = True
+        elif not _is_number(v):
+            return False
+    return has_float
 
 
 def _children(value: Any) -> list[tuple[str, Any]]:
@@ -68,7 +138,7 @@ def _record_children(record: InertObject) -> list[tuple[str, Any]]:
             members = state.get(slot)
             if isinstance(members, dict):
                 out.extend((str(k), v) for k, v in members.items() if v is not None)
-        out.extend((k, v) for k, v in state.items() if not k.startswith("_"))
+        out.extend((str(k), v) for k, v in state.items() if not str(k).startswith("_"))
         return out
     if state is not None:
         out.extend((str(k), v) for k, v in state.items())
@@ -84,21 +154,51 @@ def _record_children(record: InertObject) -> list[tuple[str, Any]]:
     return out
 
 
-def iter_leaves(root: Any) -> Iterator[Leaf]:
-    """Every numeric leaf under ``root`` in file order, each container visited once."""
-    stack: list[tuple[Path, Any]] = [((), root)]
+def _view_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
+    """What makes two tensors the same values: one memory, one shape, one stride, one dtype (None: no data)."""
+    if tensor.is_meta or tensor.numel() == 0:
+        return None
+    return (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+
+
+def iter_leaves(root: Any, max_depth: int = MAX_DEPTH) -> Iterator[Leaf]:
+    """Every numeric leaf under ``root`` in file order, each object (and each tensor view) yielded once.
+
+    Raises:
+        CheckpointLimit: the tree nests deeper than ``max_depth`` levels.
+    """
+    stack: list[tuple[Node | None, Any]] = [(None, root)]
     seen: set[int] = set()
+    views: set[tuple[Any, ...]] = set()
     while stack:
-        path, value = stack.pop()
-        if isinstance(value, torch.Tensor | np.ndarray | float | np.floating) or is_series(value):
-            yield Leaf(path, value)
+        node, value = stack.pop()
+        if isinstance(value, float | np.floating):
+            yield Leaf(node, value)
             continue
-        if not isinstance(value, dict | list | tuple | InertObject):
+        if isinstance(value, str):
+            if text_number(value) is not None:
+                yield Leaf(node, value)
             continue
-        if id(value) in seen:
+        if not isinstance(value, torch.Tensor | np.ndarray | dict | list | tuple | InertObject) or id(value) in seen:
             continue
         seen.add(id(value))
-        stack.extend(((*path, name), child) for name, child in reversed(_children(value)))
+        if isinstance(value, torch.Tensor):
+            key = _view_key(value)
+            if key is not None and key in views:
+                continue
+            if key is not None:
+                views.add(key)
+            yield Leaf(node, value)
+            continue
+        if isinstance(value, np.ndarray) or is_series(value):
+            yield Leaf(node, value)
+            continue
+        depth = node.depth if node is not None else 0
+        if depth >= max_depth:
+            where = Leaf(node, None).location
+            where = where if len(where) <= _LOCATION_CHARS else where[:_LOCATION_CHARS] + "..."
+            raise CheckpointLimit(f"nesting deeper than {max_depth} levels at {where}")
+        stack.extend((Node.child(node, name), child) for name, child in reversed(_children(value)))
 
 
 def iter_tensors(root: Any) -> Iterator[tuple[str, torch.Tensor]]:
