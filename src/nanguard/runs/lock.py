@@ -6,9 +6,10 @@ Three lock files live in ``<run_dir>/.nanguard/``, all held the same way by :fun
   ``nanguard rollback`` and ``nanguard undo`` while they run, and ``nanguard run`` for the whole time it
   supervises (its training alive or between restarts; its own rollbacks run under the lock it holds).
 - ``guard.lock`` (:func:`guard_lock`): a :class:`~nanguard.guard.Guard`, for its life (it writes the journal,
-  disk snapshots and, inside Ultralytics, the run's checkpoints). It is not ``lock`` because ``nanguard run -- python train.py`` supervises a guarded script: the
-  supervisor (holding ``lock``) and its own child (holding ``guard.lock``) must not refuse each other, while a
-  second Guard on the same folder must be refused. Rollback and undo take both: they refuse a live Guard too.
+  disk snapshots and, inside Ultralytics, the run's checkpoints). It is not ``lock`` because
+  ``nanguard run -- python train.py`` supervises a guarded script: the supervisor (holding ``lock``) and
+  its own child (holding ``guard.lock``) must not refuse each other, while a second Guard on the same folder
+  must be refused. Rollback and undo take both: they refuse a live Guard too.
 - ``supervisor.pid`` (:func:`nanguard.supervise.state.pid_lock`): one ``nanguard run`` per folder.
 
 The file is never the lock itself: the lock is an exclusive ``flock`` on a descriptor kept open for the
