@@ -73,7 +73,9 @@ def require_loadable(path: str | Path, trust: bool = False) -> CheckpointTree:
             logger.warning("loading %s with trust despite globals: %s", tree.path, ", ".join((*unsafe, *unlisted)))
         return tree
     if unsafe:
-        raise UnsafeCheckpoint(f"{tree.path}: unsafe, its pickle calls code: {_shown(unsafe)}", unsafe)
+        raise UnsafeCheckpoint(
+            f"{tree.path}: unsafe, its pickle calls code: {_shown(unsafe)} (only --trust loads it, running that code)",
+            unsafe)
     if unlisted:
         raise UnsafeCheckpoint(
             f"{tree.path}: classes outside the load allowlist: {_shown(unlisted)}; loading needs --trust", unlisted)
