@@ -217,3 +217,36 @@ def test_tainted_target_needs_force(run: Path) -> None:
     assert result.exit_code == int(ExitCode.DIRTY), result.output
     assert "tainted in the journal" in result.stderr
     assert plan_rollback(run, to="epoch 1", force=True).forced
+
+
+class ShellCommand:
+    """Unpickling this runs ``touch marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, ...]:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_unsafe_target_is_refused_even_with_force(run: Path, tmp_path: Path) -> None:
+    """The rollback target is what a resume hands to Ultralytics: a pickle that calls code is refused with
+    --force too (exit 3, one line naming the file and the global), nothing changes, the payload never runs."""
+    from nanguard.ckpt import load_checkpoint, save_checkpoint
+
+    marker = tmp_path / "pwned"
+    epoch1 = run / "weights" / "epoch1.pt"
+    ckpt = load_checkpoint(epoch1)
+    ckpt["payload"] = ShellCommand(marker)
+    save_checkpoint(ckpt, epoch1)
+    before = tree_hashes(run)
+    for extra in ([], ["--force"]):
+        result = runner.invoke(app, ["rollback", str(run), "--to", "epoch 1", *extra])
+        assert result.exit_code == int(ExitCode.UNSAFE), result.output
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and str(epoch1) in lines[0] and "system" in lines[0], result.output
+    assert plan_rollback(run).target.name == "epoch2.pt"  # latest-clean skips it
+    assert tree_hashes(run) == before
+    assert not marker.exists()

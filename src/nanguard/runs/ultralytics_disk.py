@@ -40,7 +40,7 @@ from nanguard.atomic import atomic_copy, atomic_write_bytes
 from nanguard.journal import Journal
 from nanguard.runs.backups import BACKED_UP, sha256_file, take_backup
 from nanguard.runs.base import RESULTS_CSV, WEIGHTS_DIR, RollbackRefused, as_float, as_int
-from nanguard.runs.candidates import Candidate, examine, journal_taints, train_args_of
+from nanguard.runs.candidates import Candidate, examine, journal_taints, require_resumable, train_args_of
 from nanguard.runs.lock import run_lock
 from nanguard.runs.results_csv import trim_counts, trim_results
 
@@ -191,6 +191,7 @@ def plan_rollback(
     candidates: dict[Path, tuple[Candidate, Any]] = {path: examine(path, taints) for path in files}
 
     target, root = _pick(run, to, candidates, taints, force)
+    require_resumable(target.path, trust)  # a resume hands it to Ultralytics: --force never accepts code
     forced = [target.concern] if target.concern else []
     assert target.epoch is not None  # _pick returns resumable candidates only
     train_args = train_args_of(root)
