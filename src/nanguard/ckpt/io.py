@@ -106,7 +106,7 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Any:
 
     Args:
         path: any checkpoint :func:`~nanguard.ckpt.read_checkpoint` reads.
-        trust: load even with globals outside the allowlist (they are logged).
+        trust: load even when it calls code or names globals outside the allowlist (they are logged).
 
     Returns:
         What ``torch.load`` returns; for a HF folder, a dict like the inert tree (``model``, ``optimizer``,

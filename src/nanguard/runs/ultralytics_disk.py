@@ -170,7 +170,8 @@ def plan_rollback(
             ``epoch N`` / ``epochN`` (0-based, ``weights/epochN.pt``), or a checkpoint path.
         lr_scale: multiply ``train_args.lr0`` by this factor in the written ``last.pt``.
         force: accept a dirty, unsafe or tainted target (a stripped or final one is still refused).
-        trust: when the target must be rewritten, load it even with globals outside the allowlist.
+        trust: accept a target that :func:`nanguard.ckpt.require_loadable` refuses (it calls code, or names
+            classes outside the allowlist); ``force`` does not. Also used when the target must be rewritten.
 
     Raises:
         RollbackRefused: no run or weights folder, a bad ``to`` or ``lr_scale``, no resumable clean
