@@ -6,7 +6,6 @@ the error tests stop before anything trains.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from typer.testing import CliRunner
 from nanguard.ckpt import Status, audit
 from nanguard.cli import app
 from nanguard.errors import ExitCode
+from tests.ckpt.test_safety import ShellCommand
 from tests.cli_checks import assert_one_line_error
 
 pytest.importorskip("ultralytics")
@@ -108,15 +108,6 @@ def test_stopped_training_exits_4_with_the_report(
     assert "nanguard stopped the training" in result.stdout
     assert "step 5 (epoch 0, batch 5): nonfinite_loss -> rollback" in result.stdout
 
-
-class ShellCommand:
-    """Unpickling this runs ``touch marker``: the payload of a malicious checkpoint."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (os.system, (f"touch {self.marker}",))
 
 
 def _evil_checkpoint(path: Path, marker: Path) -> Path:

@@ -21,6 +21,7 @@ from nanguard.errors import ExitCode
 from nanguard.journal import read_actions
 from nanguard.runs import RollbackRefused, RunLocked, plan_rollback, run_lock
 from nanguard.runs.results_csv import trim_results
+from tests.ckpt.test_safety import ShellCommand
 from tests.conftest import copy_tree
 
 runner = CliRunner()
@@ -218,17 +219,6 @@ def test_tainted_target_needs_force(run: Path) -> None:
     assert "tainted in the journal" in result.stderr
     assert plan_rollback(run, to="epoch 1", force=True).forced
 
-
-class ShellCommand:
-    """Unpickling this runs ``touch marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, ...]:
-        import os
-
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_unsafe_target_is_refused_even_with_force(run: Path, tmp_path: Path) -> None:
