@@ -359,6 +359,8 @@ class UltralyticsGuard:
             if verdict is None:
                 continue
             verdicts.append(verdict)
+            # CLEAN is the content verdict of a readable file whose pickle calls no code; classes outside the
+            # load allowlist do not change it (Ultralytics classify pickles torchvision transforms).
             if verdict.status is Status.CLEAN:
                 if role is not None:
                     self._pin(role, path)
