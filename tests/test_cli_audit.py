@@ -244,3 +244,38 @@ def test_inspect_load_refuses_an_unsafe_checkpoint_and_trust_overrides_it(tmp_pa
     assert trusted.exit_code == ExitCode.UNSAFE, trusted.output  # the verdict is still "unsafe"
     assert "with --trust" in trusted.stdout
     assert marker.exists()
+
+
+class PlainRecord:
+    """A plain-data class outside the load allowlist (pickled as ``__new__`` + state)."""
+
+    def __init__(self) -> None:
+        self.note = "plain"
+
+
+def test_audit_judges_content_and_says_loading_needs_trust_for_unlisted_classes(tmp_path: Path) -> None:
+    """A healthy file that rebuilds a class outside the allowlist as data is clean (exit 0), with one note
+    naming the class; ``inspect --load`` refuses to import it (exit 3) and --trust loads it."""
+    path = tmp_path / "plain.pt"
+    torch.save({**_state(), "extra": PlainRecord()}, path)
+    name = f"{__name__}.PlainRecord"
+    result = _audit(path)
+    assert result.exit_code == ExitCode.OK, result.output
+    assert result.stdout.startswith("clean") and len(result.stdout.splitlines()) == 1, result.output
+    assert f"classes outside the load allowlist: {name}; loading needs --trust" in result.stdout, result.output
+    data = json.loads(runner.invoke(app, ["audit", str(path), "--json"]).stdout)[0]
+    assert data["unlisted_globals"] == [name] and data["unsafe_globals"] == [] and data["content"] == "clean"
+    refused = runner.invoke(app, ["inspect", str(path), "--load"])
+    assert refused.exit_code == ExitCode.UNSAFE, refused.output
+    assert "loaded:         refused:" in refused.stdout and "needs --trust" in refused.stdout, refused.output
+    trusted = runner.invoke(app, ["inspect", str(path), "--trust"])
+    assert trusted.exit_code == ExitCode.OK and "with --trust" in trusted.stdout, trusted.output
+
+
+def test_unsafe_line_says_it_calls_code_and_what_the_content_is(tmp_path: Path) -> None:
+    torch.save({"model": {"w": torch.tensor([float("nan")])}, "payload": ShellCommand(tmp_path / "m")},
+               tmp_path / "evil.pt")
+    result = _audit(tmp_path / "evil.pt")
+    assert result.exit_code == ExitCode.UNSAFE, result.output
+    assert "calls code: posix.system" in result.stdout and "content dirty" in result.stdout, result.output
+    assert not (tmp_path / "m").exists()

@@ -10,11 +10,13 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from nanguard.ckpt import Status, audit
 from nanguard.cli import app
 from nanguard.errors import ExitCode
+from tests.ckpt.test_safety import ShellCommand
 from tests.cli_checks import assert_one_line_error
 
 pytest.importorskip("ultralytics")
@@ -105,3 +107,59 @@ def test_stopped_training_exits_4_with_the_report(
     assert_one_line_error(result, ExitCode.STOPPED, "stopped training at step 7", stdout_empty=False)
     assert "nanguard stopped the training" in result.stdout
     assert "step 5 (epoch 0, batch 5): nonfinite_loss -> rollback" in result.stdout
+
+
+
+def _evil_checkpoint(path: Path, marker: Path) -> Path:
+    """A real torch.save zip whose data.pkl REDUCEs os.system, with an Ultralytics-looking body."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": 0, "model": None, "ema": None, "optimizer": {}, "train_args": {"epochs": 3},
+                "payload": ShellCommand(marker)}, path)
+    return path
+
+
+@pytest.mark.parametrize("key", ["model", "pretrained", "resume", "distill_model"])
+def test_yolo_refuses_an_unsafe_checkpoint_before_ultralytics_loads_it(
+    yolo_offline: Path, yolo_dataset: Path, tmp_path: Path, key: str
+) -> None:
+    """Every checkpoint ``nanguard yolo`` hands to Ultralytics is audited first: a pickle that would run
+    ``os.system`` is refused in one line naming the file and the global, exit 3; the payload never runs and no
+    run folder appears."""
+    marker = tmp_path / "pwned"
+    evil = _evil_checkpoint(tmp_path / "evil.pt", marker)
+    project = tmp_path / "project"
+    args = [arg for arg in _train_args(yolo_dataset, project) if not arg.startswith("model=")]
+    model = [] if key == "model" else ["model=yolo11n.yaml"]
+    result = runner.invoke(app, ["yolo", *args, *model, f"{key}={evil}"])
+    assert_one_line_error(result, ExitCode.UNSAFE, str(evil), "system", stdout_empty=False)
+    assert not marker.exists()
+    assert not project.exists()
+
+
+def test_yolo_resume_audits_the_last_pt_ultralytics_would_find(
+    yolo_offline: Path, yolo_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bare ``resume`` with a yaml model makes Ultralytics load the newest ``last*.pt`` under the current
+    folder: that file is the one audited and refused."""
+    marker = tmp_path / "pwned"
+    evil = _evil_checkpoint(tmp_path / "runs" / "detect" / "train" / "weights" / "last.pt", marker)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["yolo", "detect", "train", "resume", "model=yolo11n.yaml", f"data={yolo_dataset}",
+                                 "device=cpu", f"project={tmp_path / 'project'}"])
+    assert_one_line_error(result, ExitCode.UNSAFE, "last.pt", "system", stdout_empty=False)
+    assert str(evil.relative_to(tmp_path)) in result.stderr
+    assert not marker.exists()
+
+
+class PlainRecord:
+    """A plain-data class outside the load allowlist."""
+
+
+def test_yolo_refuses_unlisted_classes_without_trust(yolo_offline: Path, tmp_path: Path) -> None:
+    """A checkpoint that only rebuilds classes outside the allowlist is not unsafe, but Ultralytics would import
+    them: refused (exit 3) with the hint that loading needs --trust."""
+    path = tmp_path / "custom.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "extra": PlainRecord()}, path)
+    result = runner.invoke(app, ["yolo", "detect", "train", f"model={path}", f"project={tmp_path / 'p'}"])
+    assert_one_line_error(result, ExitCode.UNSAFE, str(path), f"{__name__}.PlainRecord", "--trust",
+                          stdout_empty=False)

@@ -73,6 +73,7 @@ def train_guarded(
     policy: Policy | None = None,
     default_policy: bool = False,
     epochs: int = 2,
+    model_yaml: str = "yolo11n.yaml",
     **overrides: Any,
 ) -> tuple[Any, Path]:
     """Train a guarded YOLO11n (``hooks`` registered after the guard's callbacks, ``before_guard`` before);
@@ -81,7 +82,7 @@ def train_guarded(
 
     from nanguard.integrations.ultralytics import guard
 
-    model = YOLO("yolo11n.yaml")
+    model = YOLO(model_yaml)
     for event, fn in before_guard:
         model.add_callback(event, fn)
     guarded = guard(model, policy=None if default_policy else (policy or Policy(max_grad_norm=10.0)))
@@ -422,3 +423,42 @@ def test_gradient_accumulation_records_the_whole_window(
     assert len(row["sample_ids"]) == 8 and len(set(row["sample_ids"])) == 8
     assert [r.applied for r in guarded.results] == [True, False]
     assert_finished_clean(guarded, save_dir)
+
+
+def make_classify_dataset(root: Path, *, per_class: int = 4, size: int = 32) -> Path:
+    """A tiny image-folder classification dataset (``train/`` and ``val/``, two classes); returns its root."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label, level in (("dark", 40), ("bright", 200)):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                image = np.clip(rng.normal(level, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+                cv2.imwrite(str(folder / f"{i}.png"), image)
+    return root
+
+
+@pytest.mark.slow
+def test_healthy_classify_run_pins_a_clean_last_pt_and_quarantines_nothing(
+    yolo_offline: Path, tmp_path: Path
+) -> None:
+    """A fault-free ``classify`` training pickles torchvision transforms (Compose, CenterCrop, an
+    InterpolationMode Enum): every checkpoint audits clean, the guard pins last.pt and best.pt and moves nothing
+    to quarantine, and the files load with their real classes."""
+    from nanguard.ckpt import load_checkpoint
+
+    data = make_classify_dataset(tmp_path / "data")
+    guarded, save_dir = train_guarded(tmp_path, data, model_yaml="yolo11n-cls.yaml")
+    assert all(v.status is Status.CLEAN for v in guarded.verdicts), [(v.path.name, v.status) for v in guarded.verdicts]
+    assert_all_clean(save_dir)
+    pinned = save_dir / ".nanguard" / "pinned"
+    assert (pinned / "last.pt").is_file() and (pinned / "best.pt").is_file()
+    assert not (save_dir / ".nanguard" / "quarantine").exists()
+    assert "checkpoint_quarantined" not in action_names(save_dir)
+    epoch0 = audit(save_dir / "weights" / "epoch0.pt")
+    assert any(g.startswith("torchvision.transforms.") for g in epoch0.globals)
+    assert epoch0.unlisted_globals == () and epoch0.unsafe_globals == ()
+    assert type(load_checkpoint(save_dir / "weights" / "last.pt")["model"]).__name__ == "ClassificationModel"

@@ -26,6 +26,7 @@ from nanguard.errors import ExitCode
 from nanguard.journal import read_actions
 from nanguard.runs import RollbackRefused, RunLocked, plan_rollback, run_lock
 from nanguard.runs.results_csv import trim_results
+from tests.ckpt.test_safety import ShellCommand
 from tests.cli_checks import assert_one_line_error
 from tests.conftest import copy_tree
 
@@ -380,3 +381,23 @@ def test_dry_run_fails_exactly_where_the_real_rollback_fails_on_an_unusable_jour
         return {k: v for k, v in hashes.items() if not k.endswith(("-wal", "-shm"))}
 
     assert files(tree_hashes(run)) == files(before)
+
+def test_unsafe_target_is_refused_even_with_force(run: Path, tmp_path: Path) -> None:
+    """The rollback target is what a resume hands to Ultralytics: a pickle that calls code is refused with
+    --force too (exit 3, one line naming the file and the global), nothing changes, the payload never runs."""
+    from nanguard.ckpt import load_checkpoint, save_checkpoint
+
+    marker = tmp_path / "pwned"
+    epoch1 = run / "weights" / "epoch1.pt"
+    ckpt = load_checkpoint(epoch1)
+    ckpt["payload"] = ShellCommand(marker)
+    save_checkpoint(ckpt, epoch1)
+    before = tree_hashes(run)
+    for extra in ([], ["--force"]):
+        result = runner.invoke(app, ["rollback", str(run), "--to", "epoch 1", *extra])
+        assert result.exit_code == int(ExitCode.UNSAFE), result.output
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and str(epoch1) in lines[0] and "system" in lines[0], result.output
+    assert plan_rollback(run).target.name == "epoch2.pt"  # latest-clean skips it
+    assert tree_hashes(run) == before
+    assert not marker.exists()

@@ -20,7 +20,8 @@ class ExitCode(IntEnum):
     BAD_INPUT = 2
     """Bad input: a missing or unreadable file, a bad policy file, a bad option."""
     UNSAFE = 3
-    """A checkpoint would run code (globals outside the allowlist)."""
+    """A checkpoint's pickle calls code (unsafe), or loading it with real classes needs globals outside the
+    allowlist and no ``trust`` was given; nothing from the file ran."""
     STOPPED = 4
     """The guard stopped training: the policy's escalation limits were reached."""
     LOCKED = 5
@@ -67,7 +68,8 @@ class NoCheckpointsFound(NanguardError):
 
 
 class UnsafeCheckpoint(NanguardError):
-    """A checkpoint references globals outside the allowlist; loading it with real classes could run code.
+    """A checkpoint cannot be loaded with real classes without ``trust``: its pickle calls code, or it names
+    globals outside the load allowlist (importing them runs their modules' code).
 
     Attributes:
         globals: the offending globals, as ``module.name``.

@@ -132,3 +132,69 @@ def test_mutated_real_checkpoint_never_raises_or_runs_code(
         read_checkpoint(path)
     except Exception as exc:  # only the documented error may escape
         assert type(exc).__name__ == "UnreadableCheckpoint", exc
+
+
+class PlainRecord:
+    """A plain-data class outside the load allowlist: pickled as ``cls.__new__(cls)`` + its ``__dict__``."""
+
+    def __init__(self) -> None:
+        self.note = "plain"
+
+
+def test_plain_data_class_outside_the_allowlist_is_clean_but_not_loadable(tmp_path: Path) -> None:
+    """Content is judged on its own: a class the pickle only rebuilds as data is not 'unsafe', yet loading with
+    real classes (which imports its module) still needs ``trust``."""
+    path = tmp_path / "plain.pt"
+    torch.save({"model": {"w": torch.ones(3)}, "extra": PlainRecord()}, path)
+    verdict = audit(path)
+    name = f"{__name__}.PlainRecord"
+    assert verdict.status is Status.CLEAN and verdict.content is Status.CLEAN
+    assert verdict.unsafe_globals == () and verdict.unlisted_globals == (name,)
+    with pytest.raises(UnsafeCheckpoint) as caught:
+        load_checkpoint(path)
+    assert caught.value.globals == (name,) and "outside the load allowlist" in str(caught.value)
+    assert load_checkpoint(path, trust=True)["extra"].note == "plain"
+    torch.save({"model": {"w": torch.tensor([1.0, float("nan")])}, "extra": PlainRecord()}, path)
+    assert audit(path).status is Status.DIRTY
+
+
+def test_unsafe_file_still_reports_its_content(tmp_path: Path) -> None:
+    marker = tmp_path / MARKER_NAME
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.tensor([float("nan")])}, "payload": ShellCommand(marker)}, path)
+    verdict = audit(path)
+    assert verdict.status is Status.UNSAFE and verdict.content is Status.DIRTY and verdict.findings
+    _evil_checkpoint(tmp_path, marker)
+    assert audit(tmp_path / "evil.pt").content is Status.CLEAN
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("payload", [
+    b"(S'touch MARKER'\nios\nsystem\n.",  # INST with arguments: os.system('touch ...')
+    b"(ios\nabort\n.",  # INST without arguments still calls a function: os.abort()
+    b"(cos\nsystem\nS'touch MARKER'\no.",  # OBJ
+    # copyreg._reconstructor(Popen, Popen, [cmd]) runs Popen.__init__([cmd]): a call of its base
+    b"ccopy_reg\n_reconstructor\n(csubprocess\nPopen\ncsubprocess\nPopen\n(S'touch'\nS'MARKER'\nltR.",
+])
+def test_inst_obj_and_reconstructor_calls_are_unsafe(tmp_path: Path, payload: bytes) -> None:
+    path = tmp_path / "legacy.pkl"
+    path.write_bytes(payload.replace(b"MARKER", str(tmp_path / MARKER_NAME).encode()))
+    verdict = audit(path)
+    assert verdict.status is Status.UNSAFE and verdict.unsafe_globals, verdict
+    assert not (tmp_path / MARKER_NAME).exists()
+
+
+@pytest.mark.parametrize(("payload", "name"), [
+    (b"\x80\x02ctorch\nsave\n}X\x06\x00\x00\x00/tmp/x\x86R.", "torch.save"),
+    (b"\x80\x02cpathlib\nPath.write_text\nX\x04\x00\x00\x00/tmp\x85R.", "pathlib.Path.write_text"),
+    (b"\x80\x02cultralytics\nYOLO\nX\x07\x00\x00\x00evil.pt\x85R.", "ultralytics.YOLO"),
+])
+def test_calling_a_function_under_an_allowed_prefix_is_unsafe(tmp_path: Path, payload: bytes, name: str) -> None:
+    """The allowlist names modules whose classes may be rebuilt; calling one of their functions (torch.save
+    writes a file) or a model wrapper that loads another file is a call that runs code."""
+    path = tmp_path / "call.pkl"
+    path.write_bytes(payload)
+    verdict = audit(path)
+    assert verdict.status is Status.UNSAFE and verdict.unsafe_globals == (name,), verdict
+    with pytest.raises(UnsafeCheckpoint):
+        load_checkpoint(path)

@@ -26,7 +26,7 @@ from nanguard.ckpt.base import (
 )
 from nanguard.ckpt.folders import find_checkpoints
 from nanguard.ckpt.formats import read_checkpoint
-from nanguard.ckpt.io import load_checkpoint, save_checkpoint
+from nanguard.ckpt.io import load_checkpoint, require_loadable, save_checkpoint
 from nanguard.ckpt.unpickler import InertObject
 from nanguard.ckpt.walk import iter_tensors
 from nanguard.errors import NoCheckpointsFound, UnreadableCheckpoint, UnsafeCheckpoint
@@ -53,5 +53,6 @@ __all__ = [
     "iter_tensors",
     "load_checkpoint",
     "read_checkpoint",
+    "require_loadable",
     "save_checkpoint",
 ]

@@ -32,7 +32,8 @@ from nanguard.ckpt.base import (
     Kind,
     Status,
     Verdict,
-    is_allowed_global,
+    unlisted_globals,
+    unsafe_globals,
 )
 from nanguard.ckpt.folders import find_checkpoints
 from nanguard.ckpt.formats import describe_error, read_checkpoint, run_position
@@ -223,9 +224,12 @@ def audit_tree(tree: CheckpointTree) -> Verdict:
     """The verdict on a checkpoint already read."""
     epoch, step, fitness = run_position(tree)
     findings = find_problems(tree)
-    unsafe = tuple(g for g in tree.globals if not is_allowed_global(g))
+    # Safety and content are separate answers: unsafe only when the pickle calls code; the findings (the
+    # content verdict, Verdict.content) are computed for every readable file, unsafe or not.
+    unsafe = unsafe_globals(tree.globals, tree.called)
     status = Status.UNSAFE if unsafe else Status.DIRTY if findings else Status.CLEAN
-    return Verdict(tree.path, status, findings, tree.globals, unsafe, tree.format, epoch, step, fitness)
+    return Verdict(tree.path, status, findings, tree.globals, unsafe, tree.format, epoch, step, fitness,
+                   unlisted_globals=unlisted_globals(tree.globals))
 
 
 _Result = TypeVar("_Result")

@@ -1,8 +1,14 @@
 """base.py owns the value types of checkpoint auditing and the constants every reader shares.
 
 It defines what a read checkpoint is (:class:`CheckpointTree`), what an audit says (:class:`Finding`,
-:class:`Verdict`, :class:`Inspection`), the allowlist of globals that trusted loading accepts, and the
-names that mark sentinel infinities. It reads no file and imports neither torch nor any framework.
+:class:`Verdict`, :class:`Inspection`), the allowlist of globals that trusted loading accepts, which calls
+make a pickle unsafe (:func:`unsafe_globals`), and the names that mark sentinel infinities. It reads no file
+and imports neither torch nor any framework.
+
+Two questions, two answers: a checkpoint's *content* is clean or dirty from its findings alone; it is
+*unsafe* only when its pickle calls something that runs code. A class outside the load allowlist that the
+pickle merely rebuilds as data (``cls.__new__`` plus its state) makes neither dirty nor unsafe; it only means
+that loading with real classes (which imports the class's module) needs ``trust``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ class Status(str, Enum):
     DIRTY = "dirty"
     """At least one finding: non-finite values, or the marks of a scrubbed checkpoint."""
     UNSAFE = "unsafe"
-    """The pickle names globals outside the allowlist; loading it with real classes could run code."""
+    """The pickle calls a global that runs code (``os.system``, ``builtins.eval``, ``torch.save``...): see
+    :func:`unsafe_globals`. The content verdict is still on :attr:`Verdict.content`."""
     UNREADABLE = "unreadable"
     """The file is missing, truncated, corrupt or of an unknown format."""
 
@@ -123,6 +130,7 @@ TOP_KEY_AREAS: dict[str, Area] = {
 
 SAFE_GLOBAL_PREFIXES = (
     "torch.",
+    "torchvision.",  # torch's own library; Ultralytics classify pickles its transforms ("torch." does not match)
     "collections.",
     "ultralytics.",
     "lightning.",
@@ -191,6 +199,57 @@ UNSAFE_GLOBAL_PREFIXES = (
 )
 """Globals under a safe prefix that still load files, compile or execute source; always unsafe."""
 
+UNSAFE_CALL_PREFIXES = (
+    "ultralytics.YOLO",
+    "ultralytics.RTDETR",
+    "ultralytics.SAM",
+    "ultralytics.FastSAM",
+    "ultralytics.NAS",
+    "ultralytics.engine.",
+    "ultralytics.models.",
+    "ultralytics.hub.",
+)
+"""Allowed classes whose constructor loads another file, downloads or trains (Ultralytics' model wrappers,
+trainers, predictors): rebuilding them as data is fine, calling them is unsafe. Model checkpoints hold
+``ultralytics.nn.*`` modules, never these, so a call of one is a payload."""
+
+CALLABLE_GLOBAL_PREFIXES = ("torch._utils._rebuild_", "torch._tensor._rebuild_", "torch.serialization._get_layout")
+"""torch's own rebuilders, functions a ``torch.save`` pickle calls that build a tensor or a layout from data."""
+
+
+def _class_shaped(name: str) -> bool:
+    # PEP 8 CapWords: the last dotted part starts upper case, after any leading underscores (DetectionModel,
+    # InterpolationMode, DCP's _MEM_FORMAT_ENCODING). Functions and methods (torch.save,
+    # pathlib.Path.write_text, safe_download) do not.
+    last = name.rsplit(".", 1)[-1].lstrip("_")
+    return last[:1].isupper()
+
+
+def is_callable_global(name: str) -> bool:
+    """Whether a pickle may *call* ``name`` (REDUCE, INST, OBJ) without the file being unsafe.
+
+    Accepted: the exact :data:`SAFE_GLOBALS` (containers and numpy rebuilders), torch's tensor rebuilders,
+    and class-shaped names on the allowlist (constructing a torch or framework class, an Enum member);
+    not the wrappers of :data:`UNSAFE_CALL_PREFIXES`. Anything else called is a call that runs code: a
+    function outside the allowlist (``os.system``) or on it (``torch.save`` writes a file).
+    """
+    if name in SAFE_GLOBALS or name.startswith(CALLABLE_GLOBAL_PREFIXES):
+        return True
+    return is_allowed_global(name) and _class_shaped(name) and not name.startswith(UNSAFE_CALL_PREFIXES)
+
+
+def unsafe_globals(globals_: tuple[str, ...], called: tuple[str, ...]) -> tuple[str, ...]:
+    """The globals that make a pickle unsafe, sorted: every one it calls that :func:`is_callable_global`
+    refuses, and any use at all of one on :data:`UNSAFE_GLOBAL_PREFIXES`."""
+    bad = {g for g in called if not is_callable_global(g)}
+    bad.update(g for g in globals_ if g.startswith(UNSAFE_GLOBAL_PREFIXES))
+    return tuple(sorted(bad))
+
+
+def unlisted_globals(globals_: tuple[str, ...]) -> tuple[str, ...]:
+    """The globals outside the load allowlist: loading with real classes imports them, so it needs trust."""
+    return tuple(g for g in globals_ if not is_allowed_global(g))
+
 
 @dataclass(frozen=True, slots=True)
 class Finding:
@@ -228,6 +287,8 @@ class CheckpointTree:
         globals: every global the pickles reference, as ``module.name``, sorted.
         files: the files read (one for a file checkpoint, several for a folder).
         container: ``zip``, ``legacy``, ``safetensors``, ``pickle`` or ``folder``.
+        called: the globals the pickles call (REDUCE, INST, OBJ, a ``copyreg._reconstructor`` base), sorted;
+            the vetted rebuilders the inert reader runs itself are not listed.
     """
 
     path: Path
@@ -236,6 +297,7 @@ class CheckpointTree:
     globals: tuple[str, ...] = ()
     files: tuple[Path, ...] = ()
     container: str = "zip"
+    called: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -244,15 +306,17 @@ class Verdict:
 
     Attributes:
         path: the checkpoint audited.
-        status: clean, dirty, unsafe or unreadable.
-        findings: every problem found, in tree order.
+        status: unreadable, else unsafe when the pickle calls code, else the content verdict.
+        findings: every problem found, in tree order (also for an unsafe file).
         globals: every global the file references.
-        unsafe_globals: the globals outside the allowlist (non-empty exactly when ``status`` is unsafe).
+        unsafe_globals: the globals that make it unsafe (non-empty exactly when ``status`` is unsafe).
         format: the producer, or None when unreadable.
         epoch: the epoch recorded in the file (Ultralytics: ``-1`` when stripped), if any.
         step: the optimizer step recorded (``global_step``, ``updates``), if any.
         fitness: the best fitness or best metric recorded, if any.
         error: why the file is unreadable.
+        unlisted_globals: the globals outside the load allowlist (loading with real classes needs trust);
+            independent of ``status``.
     """
 
     path: Path
@@ -265,11 +329,25 @@ class Verdict:
     step: int | None = None
     fitness: float | None = None
     error: str | None = None
+    unlisted_globals: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
         """True when the checkpoint is clean."""
         return self.status is Status.CLEAN
+
+    @property
+    def content(self) -> Status | None:
+        """The content verdict alone, clean or dirty from the findings (also for an unsafe file); None when
+        unreadable."""
+        if self.status is Status.UNREADABLE:
+            return None
+        return Status.DIRTY if self.findings else Status.CLEAN
+
+    @property
+    def loadable(self) -> bool:
+        """Whether :func:`nanguard.ckpt.load_checkpoint` loads it without ``trust``."""
+        return self.status is not Status.UNREADABLE and not self.unsafe_globals and not self.unlisted_globals
 
 
 @dataclass(slots=True)

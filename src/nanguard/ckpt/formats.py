@@ -22,7 +22,7 @@ from nanguard.ckpt.base import CheckpointTree, Format
 from nanguard.ckpt.folders import is_dcp_folder, is_hf_folder, read_dcp_folder, read_file_tree, read_hf_folder
 from nanguard.ckpt.pickle_scan import CheckpointLimit
 from nanguard.ckpt.stfile import SafetensorsError
-from nanguard.ckpt.unpickler import InertObject
+from nanguard.ckpt.unpickler import InertObject, recording_calls
 from nanguard.errors import UnreadableCheckpoint
 
 
@@ -34,12 +34,18 @@ def read_checkpoint(path: str | Path) -> CheckpointTree:
             Trainer checkpoint folder or a ``torch.distributed.checkpoint`` folder.
 
     Returns:
-        The tree, its format, every global its pickles reference, and the files read.
+        The tree, its format, every global its pickles reference (and those they call), and the files read.
 
     Raises:
         UnreadableCheckpoint: missing, empty, truncated, corrupt or unknown; the message says which.
     """
-    path = Path(path)
+    with recording_calls() as called:
+        tree = _read_tree(Path(path))
+    tree.called = _sorted(list(called))
+    return tree
+
+
+def _read_tree(path: Path) -> CheckpointTree:
     try:
         if not path.exists():
             raise UnreadableCheckpoint(f"{path}: no such file or folder")

@@ -2,8 +2,8 @@
 
 :func:`save_checkpoint` writes a temp file in the target folder, fsyncs it, renames it over the target and
 fsyncs the folder, so a crash leaves either the old or the new file under the final name.
-:func:`load_checkpoint` unpickles with real classes only after the inert reader has listed every global
-and all of them are on the allowlist (or the caller passed ``trust=True``).
+:func:`require_loadable` is the one gate before a checkpoint meets real classes, here or in a tool nanguard
+hands it to (Ultralytics): :func:`load_checkpoint` unpickles only after it passed (or with ``trust=True``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from nanguard.atomic import atomic_replace
-from nanguard.ckpt.base import Format, is_allowed_global
+from nanguard.ckpt.base import CheckpointTree, Format, unlisted_globals, unsafe_globals
 from nanguard.ckpt.folders import HF_STATE, is_hf_weights
 from nanguard.ckpt.formats import read_checkpoint
 from nanguard.errors import UnreadableCheckpoint, UnsafeCheckpoint
@@ -46,13 +46,40 @@ def save_checkpoint(obj: Any, path: str | Path) -> Path:
     return path
 
 
-def _check_globals(path: Path, globals_: tuple[str, ...], trust: bool) -> None:
-    unsafe = tuple(g for g in globals_ if not is_allowed_global(g))
-    if unsafe and not trust:
-        shown = ", ".join(unsafe[:10]) + (f" and {len(unsafe) - 10} more" if len(unsafe) > 10 else "")
-        raise UnsafeCheckpoint(f"{path}: references globals outside the allowlist: {shown}", unsafe)
+def _shown(names: tuple[str, ...]) -> str:
+    return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+
+def require_loadable(path: str | Path, trust: bool = False) -> CheckpointTree:
+    """The one gate before a checkpoint meets real classes (``torch.load(weights_only=False)``, Ultralytics'
+    ``YOLO(path)``, ``resume``, ``pretrained``): read it inertly and refuse what loading could not do safely.
+
+    Refused without ``trust``: a pickle that calls code (``os.system``, ``builtins.eval``...; the file is
+    unsafe) and one that references globals outside the load allowlist (importing their modules runs their
+    code; the message says loading needs ``--trust``). Nothing is loaded here.
+
+    Returns:
+        The inert tree (its globals, its format).
+
+    Raises:
+        UnreadableCheckpoint: missing, empty, truncated or corrupt (exit code BAD_INPUT).
+        UnsafeCheckpoint: as above (exit code UNSAFE); ``.globals`` lists the offending globals.
+    """
+    tree = read_checkpoint(path)
+    unsafe = unsafe_globals(tree.globals, tree.called)
+    unlisted = unlisted_globals(tree.globals)
+    if trust:
+        if unsafe or unlisted:
+            logger.warning("loading %s with trust despite globals: %s", tree.path, ", ".join((*unsafe, *unlisted)))
+        return tree
     if unsafe:
-        logger.warning("loading %s with trust despite globals outside the allowlist: %s", path, ", ".join(unsafe))
+        raise UnsafeCheckpoint(
+            f"{tree.path}: unsafe, its pickle calls code: {_shown(unsafe)} (only --trust loads it, running that code)",
+            unsafe)
+    if unlisted:
+        raise UnsafeCheckpoint(
+            f"{tree.path}: classes outside the load allowlist: {_shown(unlisted)}; loading needs --trust", unlisted)
+    return tree
 
 
 def _torch_load(path: Path) -> Any:
@@ -73,23 +100,24 @@ def _load_file(path: Path) -> Any:
 def load_checkpoint(path: str | Path, trust: bool = False) -> Any:
     """Load a checkpoint with its real classes, after checking its globals.
 
-    The inert reader lists every global first; loading goes ahead only when all are on the allowlist
-    (torch, numpy, containers, Ultralytics, Lightning, transformers…) or ``trust`` is set.
+    :func:`require_loadable` reads it inertly first; loading goes ahead only when the pickle calls no code
+    and every global is on the allowlist (torch, torchvision, numpy, containers, Ultralytics, Lightning,
+    transformers…), or ``trust`` is set.
 
     Args:
         path: any checkpoint :func:`~nanguard.ckpt.read_checkpoint` reads.
-        trust: load even with globals outside the allowlist (they are logged).
+        trust: load even when it calls code or names globals outside the allowlist (they are logged).
 
     Returns:
         What ``torch.load`` returns; for a HF folder, a dict like the inert tree (``model``, ``optimizer``,
         ``trainer_state``…); for a DCP folder, the flat state dict.
 
     Raises:
-        UnsafeCheckpoint: globals outside the allowlist and ``trust`` not set; ``.globals`` lists them.
+        UnsafeCheckpoint: an unsafe pickle, or globals outside the allowlist, and ``trust`` not set;
+            ``.globals`` lists them.
         UnreadableCheckpoint: the checkpoint cannot be read.
     """
-    tree = read_checkpoint(path)
-    _check_globals(tree.path, tree.globals, trust)
+    tree = require_loadable(path, trust)
     if tree.format is Format.SAFETENSORS:
         return _load_file(tree.path)
     if tree.format is Format.DCP:

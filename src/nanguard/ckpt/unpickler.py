@@ -4,7 +4,10 @@
 name and returns either a vetted pure function (tensor and numpy rebuilders, container constructors that
 take plain data) or an :class:`InertObject` subclass that only stores the arguments and state it is given.
 So a pickled ``DetectionModel`` becomes a record whose state holds its ``_parameters``/``_modules``, and a
-pickled ``os.system`` call becomes a record of the command, never run. Storages come from a
+pickled ``os.system`` call becomes a record of the command, never run. The reader also records which
+globals the pickle *calls* (:func:`recording_calls`): REDUCE, INST and OBJ call ``cls(*args)``, which runs
+:meth:`InertObject.__init__`, while NEWOBJ/NEWOBJ_EX and ``copyreg._reconstructor`` call ``cls.__new__``
+only (plain data), as CPython's ``load_reduce``/``load_inst``/``load_obj``/``load_newobj`` do. Storages come from a
 ``load_storage`` callback that the container reader (zip, legacy, DCP) supplies; this module never opens
 files itself.
 """
@@ -17,7 +20,9 @@ import io
 import pickle
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any, ClassVar
 
@@ -26,6 +31,27 @@ import torch
 
 LoadStorage = Callable[[str, torch.dtype, int], torch.Tensor]
 """``(key, dtype, numel) -> 1-D tensor`` of the storage's elements, supplied by the container reader."""
+
+_CALLS: ContextVar[dict[str, None] | None] = ContextVar("nanguard_inert_calls", default=None)
+"""Where the unpickler running now records the globals its pickle calls. The record classes are cached
+module-wide, so the record travels in this context variable, set by :meth:`InertUnpickler.load`."""
+
+
+def _record_call(qualname: str) -> None:
+    calls = _CALLS.get()
+    if calls is not None:
+        calls[qualname] = None
+
+
+@contextmanager
+def recording_calls() -> Iterator[dict[str, None]]:
+    """Collect the called globals of every :class:`InertUnpickler` that loads inside the block."""
+    calls: dict[str, None] = {}
+    token = _CALLS.set(calls)
+    try:
+        yield calls
+    finally:
+        _CALLS.reset(token)
 
 
 class InertObject:
@@ -51,8 +77,14 @@ class InertObject:
         return obj
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # __new__ stored the arguments; a real __init__ would run the class's code.
-        pass
+        # __new__ stored the arguments; a real __init__ would run the class's code. Only a call reaches here
+        # (REDUCE, INST, OBJ: ``cls(*args)``), never NEWOBJ (``cls.__new__``): record the global as called.
+        _record_call(type(self).qualname())
+
+    def __getinitargs__(self) -> tuple[Any, ...]:
+        # Its presence makes INST/OBJ without arguments call ``cls()`` (so __init__ records the call) instead
+        # of ``cls.__new__(cls)``: for the real global (a function such as os.abort) that would be a call.
+        return self.inert_args
 
     def __setstate__(self, state: Any) -> None:
         self.__dict__["inert_state"] = state
@@ -277,6 +309,9 @@ def _device(*args: Any) -> torch.device:
 
 def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
     if isinstance(cls, type) and issubclass(cls, InertObject):
+        if isinstance(base, type) and issubclass(base, InertObject):
+            # copyreg runs base.__init__(obj, state) unless base is object: a call of base (Popen's runs a command)
+            _record_call(base.qualname())
         return cls.__new__(cls, base, state)
     raise pickle.UnpicklingError("copyreg._reconstructor of a real class")
 
@@ -323,11 +358,13 @@ class InertUnpickler(pickle.Unpickler):
 
     Attributes:
         globals: every global resolved, as ``module.name``, in first-seen order.
+        called: the globals the pickle called (REDUCE, INST, OBJ of a record class, a reconstructor's base).
     """
 
     def __init__(self, file: io.BufferedIOBase | io.BytesIO, load_storage: LoadStorage | None = None) -> None:
         super().__init__(file, encoding="latin1")
         self.globals: dict[str, None] = {}
+        self.called: dict[str, None] = {}
         self._load_storage = load_storage
         self._storages: dict[str, Storage] = {}
 
@@ -350,10 +387,22 @@ class InertUnpickler(pickle.Unpickler):
             return StorageType(torch.uint8)
         return inert_class(module, name)
 
+    def load(self) -> Any:
+        """Unpickle, recording called globals in :attr:`called` (and in an enclosing :func:`recording_calls`)."""
+        outer = _CALLS.get()
+        token = _CALLS.set(self.called)
+        try:
+            return super().load()
+        finally:
+            _CALLS.reset(token)
+            if outer is not None:
+                outer.update(self.called)
+
     def persistent_load(self, pid: Any) -> Any:
         if not isinstance(pid, tuple) or not pid or pid[0] != "storage" or len(pid) < 5:
             kind = pid[0] if isinstance(pid, tuple) and pid else pid
-            return inert_class("persistent", str(kind)[:40])()
+            cls = inert_class("persistent", str(kind)[:40])
+            return cls.__new__(cls)  # a record, not a call: persistent ids are not globals
         storage_type, key, _location, numel = pid[1:5]
         if not isinstance(storage_type, StorageType) or type(numel) is not int or numel < 0:
             raise pickle.UnpicklingError(f"bad storage reference {pid!r:.120}")

@@ -44,7 +44,8 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.DIRTY: ("non-finite values found: a checkpoint holds non-finite or scrubbed values (audit), "
                      "a log shows NaN/Inf (scan-log)"),
     ExitCode.BAD_INPUT: "a missing or unreadable file or journal, a bad policy file, a bad option",
-    ExitCode.UNSAFE: "a checkpoint would run code (globals outside the allowlist)",
+    ExitCode.UNSAFE: ("unsafe: a checkpoint's pickle calls code, or loading it needs classes outside the allowlist "
+                      "(without --trust)"),
     ExitCode.STOPPED: "stopped: the guard reached the policy's escalation limits; for run, the restart budget is spent",
     ExitCode.LOCKED: "another nanguard process holds the run's lock (.nanguard/lock); nothing was changed",
 }

@@ -55,7 +55,8 @@ RecordDir = Annotated[
 def audit(paths: CheckpointPaths, as_json: JsonFlag = False, record: RecordDir = None) -> None:
     """Audit checkpoints without running code from them: NaN/Inf, scrubbed weights, unsafe pickles.
 
-    One line per checkpoint: status, path, format, epoch, then the findings, unsafe globals or error.
+    One line per checkpoint: status, path, format, epoch, then the findings, the calls that make it unsafe, or
+    the error; a note names classes outside the load allowlist (clean or dirty still; loading needs --trust).
 
     For more than one checkpoint, a summary line follows. With --record, "tainted" marks suspect ones.
 
@@ -86,17 +87,19 @@ def inspect(
                                          callback=checkpoint_arg)],
     as_json: JsonFlag = False,
     load: Annotated[
-        bool, typer.Option("--load", help="Also load it with its real classes (only if every global is allowlisted).")
+        bool, typer.Option("--load", help="Also load it with its real classes (only if it calls no code and every "
+                           "global is allowlisted).")
     ] = False,
     trust: Annotated[
-        bool, typer.Option("--trust", help="Load it with its real classes even with globals outside the allowlist. "
+        bool, typer.Option("--trust", help="Load it with its real classes even if it calls code or names globals "
+                           "outside the allowlist. "
                            "This runs whatever the file says: only for files you trust. Implies --load.")
     ] = False,
 ) -> None:
     """Show one checkpoint: format, epoch/step, fitness, top-level keys, tensor count, bytes, dtypes, verdict.
 
-    Exit status as for audit: 0 clean, 1 dirty, 2 unreadable or missing, 3 unsafe (with --load, an unsafe
-    checkpoint is not loaded: one line naming its globals, exit 3).
+    Exit status as for audit: 0 clean, 1 dirty, 2 unreadable or missing, 3 unsafe; with --load, a checkpoint
+    that calls code or names classes outside the allowlist is not loaded ("refused", naming them) and exits 3.
     """
     from nanguard.ckpt import UnsafeCheckpoint, inspect_checkpoint, load_checkpoint
 
@@ -104,15 +107,16 @@ def inspect(
     inspection = inspect_checkpoint(path)
     data = _inspection_dict(inspection)
     if (load or trust) and data["verdict"]["status"] != "unreadable":
-        # The safe reading above listed every global; load_checkpoint refuses unless all are allowlisted
-        # or --trust was given, and then nothing from the file has run.
+        # load_checkpoint refuses (require_loadable) unless the file calls no code and every global is
+        # allowlisted, or --trust was given; when it refuses, nothing from the file has run.
         try:
             loaded = load_checkpoint(path, trust=trust)
             data["loaded"] = {"type": type(loaded).__name__, "trusted": trust}
         except UnsafeCheckpoint as err:
-            data["loaded"] = {"refused": f"{err}; pass --trust to load it anyway"}
+            data["loaded"] = {"refused": str(err).removeprefix(f"{path}: ")}
     _emit(data, as_json=as_json, render=_render_inspection)
-    raise typer.Exit(int(_audit_exit_code([data["verdict"]["status"]])))
+    statuses = [data["verdict"]["status"], *(["unsafe"] if "refused" in data.get("loaded", {}) else [])]
+    raise typer.Exit(int(_audit_exit_code(statuses)))
 
 
 def _audit_exit_code(statuses: Iterable[str]) -> ExitCode:
@@ -148,6 +152,8 @@ def _verdict_dict(verdict: Verdict) -> dict[str, Any]:
             for finding in verdict.findings
         ],
         "unsafe_globals": list(verdict.unsafe_globals),
+        "unlisted_globals": list(verdict.unlisted_globals),
+        "content": None if verdict.content is None else verdict.content.value,
         "error": verdict.error,
     }
 
@@ -187,10 +193,13 @@ def _verdict_line(row: dict[str, Any]) -> Text:
         findings = [f"{f['location']}: {f['kind']} x{f['count']}" for f in row["findings"]]
         line.append("  " + _abbreviate(findings))
     elif status == "unsafe":
-        line.append("  globals: " + _abbreviate(row["unsafe_globals"]))
+        line.append("  calls code: " + _abbreviate(row["unsafe_globals"]) + f"  (content {row['content']})")
     elif status == "unreadable":
         error = " ".join(str(row["error"]).splitlines())
         line.append(f"  {error.removeprefix(row['path'] + ': ')}")
+    unlisted = [g for g in row.get("unlisted_globals", []) if g not in row["unsafe_globals"]]
+    if unlisted:  # not a verdict: a note that loading with real classes would import them
+        line.append("  classes outside the load allowlist: " + _abbreviate(unlisted) + "; loading needs --trust")
     return line
 
 

@@ -47,8 +47,9 @@ def rollback(
         bool, typer.Option("--force", help="Accept a dirty, unsafe or tainted target (never a stripped one).")
     ] = False,
     trust: Annotated[
-        bool, typer.Option("--trust", help="When the target must be rewritten (--lr-scale, moved run), load it "
-                           "even with globals outside the allowlist. Only for files you trust.")
+        bool, typer.Option("--trust", help="Accept a target that names classes outside the load allowlist, or "
+                           "calls code (a resume runs it), and load it so when it must be rewritten. Only for files "
+                           "you trust.")
     ] = False,
     as_json: JsonFlag = False,
 ) -> None:
@@ -58,7 +59,7 @@ def rollback(
 
     Then writes the target as weights/last.pt, drops the results.csv rows after its epoch, scales lr0 if asked, and records it in the journal. Undo with: nanguard undo RUN_DIR.
 
-    Exit status: 0 done (or planned, with --dry-run); 2 no weights folder, no resumable clean checkpoint, a target that cannot be resumed (stripped, final epoch), or an unusable journal; 1 a dirty or tainted target and 3 an unsafe one (without --force); 5 the run is locked. --dry-run makes every check of the real command and fails with the same exit code and message.
+    Exit status: 0 done (or planned, with --dry-run); 2 no weights folder, no resumable clean checkpoint, a target that cannot be resumed (stripped, final epoch), or an unusable journal; 1 a dirty or tainted target (without --force); 3 an unsafe target (even with --force) or one naming classes outside the allowlist (without --trust); 5 the run is locked. --dry-run makes every check of the real command and fails with the same exit code and message.
     """  # noqa: E501
     from nanguard.runs import apply_rollback, check_apply, plan_rollback, recover
     from nanguard.runs.intent import read_intent

@@ -49,6 +49,11 @@ def yolo(
                      "clip at 10.0 is kept when the policy leaves max_grad_norm unset.", show_default=False,
                      callback=file_arg),
     ] = None,
+    trust: Annotated[
+        bool,
+        typer.Option("--trust", help="Hand Ultralytics checkpoints that name classes outside the load allowlist, or "
+                     "that call code (it runs). Only for files you trust."),
+    ] = False,
 ) -> None:
     """Run an Ultralytics training, guarded: [TASK] MODE key=value ..., exactly the arguments of `yolo`.
 
@@ -58,7 +63,9 @@ def yolo(
 
     At the end it prints the guard's summary and where the journal is (<save_dir>/.nanguard/journal.db).
 
-    Exit status: 0 training finished; 2 an unknown key, a bad value, a mode other than train, a bad policy file; 4 the guard stopped training (its report is printed).
+    Every checkpoint Ultralytics would unpickle (model=, pretrained=, distill_model=, resume= a path or the last.pt a bare resume finds) is audited first, like inspect --load: one that calls code, or names classes outside the load allowlist (without --trust), is refused before anything loads.
+
+    Exit status: 0 training finished; 2 an unknown key, a bad value, a mode other than train, a bad policy file, an unreadable or remote checkpoint; 3 an unsafe checkpoint, or one with classes outside the allowlist without --trust; 4 the guard stopped training (its report is printed).
     """  # noqa: E501
     from nanguard.errors import TrainingStopped
     from nanguard.integrations.ultralytics import ULTRALYTICS_CLIP_NORM, guard
@@ -67,7 +74,7 @@ def yolo(
     resolved = Policy.from_file(policy) if policy is not None else Policy.discover(Path.cwd())
     if resolved.max_grad_norm is None:
         resolved = dataclasses.replace(resolved, max_grad_norm=ULTRALYTICS_CLIP_NORM)
-    model, overrides = _yolo_model(list(ctx.args))
+    model, overrides = _yolo_model(list(ctx.args), trust=trust)
     guarded = guard(model, policy=resolved)
     try:
         model.train(**overrides)
@@ -77,11 +84,14 @@ def yolo(
     _emit(_yolo_summary(guarded, stopped=None), as_json=False, render=_render_yolo)
 
 
-def _yolo_model(args: list[str]) -> tuple[Any, dict[str, Any]]:
+def _yolo_model(args: list[str], *, trust: bool = False) -> tuple[Any, dict[str, Any]]:
     """Parse ``yolo``'s arguments as Ultralytics' ``entrypoint`` does (its own helpers; its warnings for a
-    missing model or data) and build the model; returns it with the keyword arguments for ``model.train``.
+    missing model or data), audit every checkpoint it would load, and build the model; returns it with the
+    keyword arguments for ``model.train``.
 
-    Raises :class:`YoloArgumentError` (one line) where ``yolo`` would raise, and for any mode but train.
+    Raises :class:`YoloArgumentError` (one line) where ``yolo`` would raise, and for any mode but train;
+    :class:`~nanguard.errors.UnsafeCheckpoint` / :class:`~nanguard.errors.UnreadableCheckpoint` from
+    :func:`nanguard.ckpt.require_loadable` before Ultralytics sees a file.
     """
     import contextlib
     import logging
@@ -168,6 +178,11 @@ def _yolo_model(args: list[str]) -> tuple[Any, dict[str, Any]]:
     stem = Path(str(model_name)).stem.lower()
     if any(k in stem for k in ("fastsam", "sam_", "sam2_", "sam2.1_", "sam3", "mobile_sam", "yolo_nas")):
         raise YoloArgumentError(f"model={model_name} cannot be trained (Ultralytics has no train mode for it)")
+    from nanguard.ckpt import require_loadable
+    from nanguard.integrations.ultralytics import checkpoints_to_load
+
+    for path in checkpoints_to_load(overrides):  # before YOLO(...) or train unpickles any of them
+        require_loadable(path, trust)
     try:
         if "rtdetr" in stem:  # as yolo: guess the architecture from the name
             from ultralytics import RTDETR

@@ -85,6 +85,72 @@ PINNED_DIR = Path(".nanguard") / "pinned"
 QUARANTINE_DIR = Path(".nanguard") / "quarantine"
 
 
+WEIGHTS_KEYS = ("model", "pretrained", "distill_model")
+"""The ``train`` arguments Ultralytics resolves to a ``.pt`` file and unpickles: the model, the weights to start
+from, the distillation teacher (``resume`` is handled apart: :func:`checkpoints_to_load`)."""
+
+
+def checkpoints_to_load(overrides: dict[str, Any]) -> list[Path]:
+    """The local checkpoint files ``YOLO(overrides["model"]).train(**overrides)`` will unpickle with real classes.
+
+    Resolved as Ultralytics does: a model stem gets ``.pt`` (``yolo11n`` -> ``yolo11n.pt``), a file is looked up
+    where it is, then in the settings' ``weights_dir``; an official asset missing locally is downloaded first
+    (as Ultralytics would) so that it is audited too. ``resume`` given as an existing path is that file; a bare
+    ``resume`` with a ``.pt`` model resumes that model, otherwise the newest ``last*.pt`` under the current
+    folder (Ultralytics' ``get_latest_run``). ``.yaml`` models are built from config, nothing is unpickled.
+
+    Raises:
+        UnreadableCheckpoint: a remote weights URL (``https://``, ``ul://``...): it cannot be audited before
+            Ultralytics downloads and loads it in one call; download it first and pass the local file.
+    """
+    from ultralytics.utils.files import get_latest_run
+
+    found: dict[str, Path] = {}
+    model_file: Path | None = None
+    for key in WEIGHTS_KEYS:
+        path = _weights_file(key, overrides.get(key))
+        if path is not None:
+            found.setdefault(str(path.resolve()), path)
+            if key == "model":
+                model_file = path
+    resume = overrides.get("resume")
+    if isinstance(resume, str | Path) and Path(resume).exists():
+        found.setdefault(str(Path(resume).resolve()), Path(resume))
+    elif resume and not (resume is True and model_file is not None):
+        latest = get_latest_run()
+        if latest:
+            found.setdefault(str(Path(latest).resolve()), Path(latest))
+    return list(found.values())
+
+
+def _weights_file(key: str, value: Any) -> Path | None:
+    from ultralytics.utils import SETTINGS
+    from ultralytics.utils.checks import REMOTE_FILE_PREFIXES, check_model_file_from_stem
+    from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES, attempt_download_asset
+
+    from nanguard.errors import UnreadableCheckpoint
+
+    if not isinstance(value, str | Path) or not str(value).strip():
+        return None  # pretrained=True/False, no distill_model
+    text = str(value).strip()
+    if text.lower().startswith(REMOTE_FILE_PREFIXES):
+        raise UnreadableCheckpoint(f"{key}={text}: a remote checkpoint cannot be audited before Ultralytics loads "
+                                   "it; download it and pass the local file")
+    path = Path(str(check_model_file_from_stem(text)))
+    if path.suffix.lower() != ".pt":
+        return None  # a .yaml is built from config; other formats are not unpickled by train
+    for candidate in (path, Path(SETTINGS["weights_dir"]) / path):
+        if candidate.is_file():
+            return candidate
+    if path.name in GITHUB_ASSETS_NAMES:  # Ultralytics would download its own release asset: fetch it, audit it
+        try:
+            downloaded = Path(attempt_download_asset(path))
+        except Exception:  # offline or unavailable: Ultralytics fails the same way when it tries
+            return None
+        return downloaded if downloaded.is_file() else None
+    return None
+
+
 def parse_version(text: str) -> tuple[int, int, int]:
     """``"8.4.190"`` → ``(8, 4, 190)``; suffixes (``.dev0``, ``rc1``) and missing parts count as 0."""
     parts: list[int] = []
@@ -293,6 +359,8 @@ class UltralyticsGuard:
             if verdict is None:
                 continue
             verdicts.append(verdict)
+            # CLEAN is the content verdict of a readable file whose pickle calls no code; classes outside the
+            # load allowlist do not change it (Ultralytics classify pickles torchvision transforms).
             if verdict.status is Status.CLEAN:
                 if role is not None:
                     self._pin(role, path)

@@ -23,7 +23,8 @@ class RollbackRefused(NanguardError):
     """A rollback or undo cannot go ahead; the one-line message names the file and the reason.
 
     ``exit_code`` is ``BAD_INPUT`` (missing folder, stripped or final checkpoint, no backup), ``DIRTY`` (a
-    dirty or tainted target without ``force``) or ``UNSAFE`` (a target with globals outside the allowlist).
+    dirty or tainted target without ``force``) or ``UNSAFE`` (a target whose pickle calls code, or
+    that names globals outside the allowlist, without ``trust``).
     """
 
     def __init__(self, message: str, exit_code: ExitCode = ExitCode.BAD_INPUT) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from nanguard.errors import ExitCode
 from nanguard.journal import journal_path, read_checkpoints
-from nanguard.runs.base import as_int
+from nanguard.runs.base import RollbackRefused, as_int
 
 STRIPPED_REASON = (
     "was stripped by Ultralytics after the final epoch (no optimizer state); it cannot be resumed"
@@ -85,8 +85,10 @@ def examine(path: Path, taints: dict[str, str]) -> tuple[Candidate, Any]:
     concern: str | None = None
     code = ExitCode.OK
     if verdict.status.value == "unsafe":
-        concern, code = "references globals outside the allowlist: " + ", ".join(verdict.unsafe_globals[:5]), (
-            ExitCode.UNSAFE)
+        concern, code = "is unsafe, its pickle calls code: " + ", ".join(verdict.unsafe_globals[:5]), ExitCode.UNSAFE
+    elif verdict.unlisted_globals:  # a resume imports them: not picked by latest-clean; --to needs --trust
+        concern, code = ("names classes outside the load allowlist: " + ", ".join(verdict.unlisted_globals[:5]),
+                         ExitCode.UNSAFE)
     elif verdict.status.value == "dirty":
         shown = "; ".join(str(finding) for finding in verdict.findings[:3])
         more = len(verdict.findings) - 3
@@ -95,6 +97,21 @@ def examine(path: Path, taints: dict[str, str]) -> tuple[Candidate, Any]:
         concern, code = f"is tainted in the journal ({taints[str(path.resolve())]})", ExitCode.DIRTY
     fitness = verdict.fitness if verdict.fitness is None or math.isfinite(verdict.fitness) else None
     return Candidate(path, verdict.status.value, epoch, problem, concern, fitness, code), root
+
+def require_resumable(path: Path, trust: bool) -> None:
+    """Refuse a rollback target Ultralytics could not load safely (:func:`nanguard.ckpt.require_loadable`):
+    one that calls code, or names classes outside the load allowlist, unless ``trust``; ``force`` does not
+    override this. Raises :class:`RollbackRefused` with exit code UNSAFE (or BAD_INPUT when unreadable)."""
+    from nanguard.ckpt import require_loadable
+    from nanguard.errors import UnreadableCheckpoint, UnsafeCheckpoint
+
+    try:
+        require_loadable(path, trust)
+    except UnsafeCheckpoint as err:
+        raise RollbackRefused(str(err), ExitCode.UNSAFE) from None
+    except UnreadableCheckpoint as err:
+        raise RollbackRefused(str(err), ExitCode.BAD_INPUT) from None
+
 
 def journal_taints(run: Path) -> dict[str, str]:
     """Resolved path → taint reason, for files whose latest ``audit --record`` row is tainted and still

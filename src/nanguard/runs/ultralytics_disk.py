@@ -44,7 +44,7 @@ from nanguard.errors import JournalError
 from nanguard.journal import Journal, journal_path
 from nanguard.runs.backups import BACKED_UP, new_backup_name, recover_pending, sha256_file, take_backup
 from nanguard.runs.base import RESULTS_CSV, WEIGHTS_DIR, RollbackRefused, as_float, as_int
-from nanguard.runs.candidates import Candidate, examine, journal_taints, train_args_of
+from nanguard.runs.candidates import Candidate, examine, journal_taints, require_resumable, train_args_of
 from nanguard.runs.intent import clear_intent, new_intent_id, read_intent, write_intent
 from nanguard.runs.lock import HeldLock, check_writer_free, folder_writer, state_folder
 from nanguard.runs.results_csv import trim_counts, trim_results
@@ -175,7 +175,8 @@ def plan_rollback(
             ``epoch N`` / ``epochN`` (0-based, ``weights/epochN.pt``), or a checkpoint path.
         lr_scale: multiply ``train_args.lr0`` by this factor in the written ``last.pt``.
         force: accept a dirty, unsafe or tainted target (a stripped or final one is still refused).
-        trust: when the target must be rewritten, load it even with globals outside the allowlist.
+        trust: accept a target that :func:`nanguard.ckpt.require_loadable` refuses (it calls code, or names
+            classes outside the allowlist); ``force`` does not. Also used when the target must be rewritten.
 
     Raises:
         RollbackRefused: no run or weights folder, a bad ``to`` or ``lr_scale``, no resumable clean
@@ -196,6 +197,7 @@ def plan_rollback(
     candidates: dict[Path, tuple[Candidate, Any]] = {path: examine(path, taints) for path in files}
 
     target, root = _pick(run, to, candidates, taints, force)
+    require_resumable(target.path, trust)  # a resume hands it to Ultralytics: --force never accepts code
     forced = [target.concern] if target.concern else []
     assert target.epoch is not None  # _pick returns resumable candidates only
     train_args = train_args_of(root)
