@@ -107,9 +107,13 @@ def assert_all_clean(save_dir: Path) -> None:
 
 
 def assert_finished_clean(guarded: Any, save_dir: Path) -> None:
+    """The guard closed with a finite state, every checkpoint audits clean, and the training history is finite:
+    a skipped NaN batch is not in Ultralytics' running mean loss, so results.csv holds no NaN/Inf."""
     assert guarded.guard._closed
     assert guarded.guard.scan_state() == []
     assert_all_clean(save_dir)
+    history = (save_dir / "results.csv").read_text().lower()
+    assert "nan" not in history and "inf" not in history, history
 
 
 def incident(save_dir: Path, kind: str) -> dict[str, Any]:

@@ -22,6 +22,9 @@ What it does, all through ``yolo.add_callback`` and two instance overrides on th
   ``on_train_batch_start``, reset at ``on_train_epoch_start``) and the image files of the batches since the
   previous step (read from the batch dict as ``trainer.preprocess_batch`` receives it; ``None`` for tasks
   whose batches carry no ``im_file``, e.g. classification);
+- a batch whose loss is non-finite is left out of Ultralytics' running mean loss (``trainer.tloss``), so the
+  progress line, ``results.csv`` and the checkpoints' ``train_results`` stay finite: the guard never applied
+  that batch, and a NaN there is what the audit calls a NaN-corrupted history;
 - at ``on_train_epoch_end``, before validation and saving, it scans weights, EMA and optimizer state and
   rolls back in process to the newest clean snapshot when they are contaminated;
 - it takes over Ultralytics' own epoch-level NaN recovery (``_handle_nan_recovery``, 8.3.213 on), which would
@@ -38,7 +41,8 @@ Version gates (Ultralytics 8.3.0 on; tests run the pinned newest):
 
 - ``trainer.loss`` is the summed loss in 8.4.x, and a per-component vector in some 8.3.x criteria: summed
   here when it has more than one element;
-- ``loss_items``/``tloss`` became dicts in 8.4.101–8.4.120 (tensors before): not read here;
+- ``loss_items``/``tloss`` became dicts in 8.4.101–8.4.120 (tensors before): the running-mean repair
+  (:meth:`UltralyticsGuard.keep_running_loss_finite`) handles both;
 - ``_handle_nan_recovery`` exists from 8.3.213: overridden only when present;
 - ``unwrap_model`` is newer than 8.3.0 (``de_parallel`` there): whichever exists is used;
 - ``teardown`` is registered where the trainer fires it (8.4.x); ``on_train_end`` closes the guard anyway;
@@ -238,6 +242,7 @@ class UltralyticsGuard:
             "on_pretrain_routine_end": self.on_pretrain_routine_end,
             "on_train_epoch_start": self.on_train_epoch_start,
             "on_train_batch_start": self.on_train_batch_start,
+            "on_train_batch_end": self.on_train_batch_end,
             "on_train_epoch_end": self.on_train_epoch_end,
             "on_model_save": self.on_model_save,
             "on_train_end": self.on_train_end,
@@ -263,6 +268,8 @@ class UltralyticsGuard:
         self.trainer = trainer
         self.results, self.verdicts = [], []
         self._batch_index, self._pending_files, self._audited, self._finished = -1, [], {}, False
+        self._tloss_before: Any = None
+        self._restart_mean = False
         self._verdicts_by_digest: dict[str, Verdict] = {}
         self._pins: dict[str, str] = {}  # role -> sha256 of the pinned copy
         if getattr(trainer, "world_size", 1) > 1:
@@ -281,6 +288,9 @@ class UltralyticsGuard:
             files = batch.get("im_file") if isinstance(batch, dict) else None
             if files is not None:
                 self._pending_files.extend(str(f) for f in files)
+            if self._restart_mean:  # the epoch's first batch was non-finite: the mean starts at this batch
+                trainer.tloss, self._restart_mean = None, False
+            self._tloss_before = trainer.tloss  # this batch's forward is next; Ultralytics then updates tloss
             return original_preprocess(batch)
 
         trainer.preprocess_batch = preprocess_batch
@@ -293,6 +303,36 @@ class UltralyticsGuard:
 
     def on_train_batch_start(self, trainer: Any) -> None:
         self._batch_index += 1
+
+    def on_train_batch_end(self, trainer: Any) -> None:
+        self.keep_running_loss_finite()
+
+    def keep_running_loss_finite(self) -> None:
+        """Leave a non-finite batch out of Ultralytics' running mean loss (``trainer.tloss``).
+
+        Ultralytics folds every batch's loss items into ``tloss`` before the optimizer step, and one NaN batch
+        makes the epoch's mean NaN: the progress line, ``results.csv`` and the checkpoints' ``train_results``
+        then hold NaN although the guard never applied the bad update — a NaN-corrupted history, which the audit
+        reports as dirty. Each element that turned non-finite keeps its value from before the batch (selected on
+        the device: no host sync). When the batch was the epoch's first (no previous mean), the non-finite
+        elements read 0 for the progress line and the mean restarts at the next batch. Called after the
+        optimizer step (before Ultralytics prints the progress line) and at ``on_train_batch_end`` (batches
+        that only accumulate); idempotent."""
+        trainer = self.trainer
+        new, before = getattr(trainer, "tloss", None), self._tloss_before
+        if new is None:
+            return
+        if before is None:
+            values = list(new.values()) if isinstance(new, dict) else [new]
+            if all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values):
+                return  # the epoch's first batch was finite (one host read, once per epoch)
+            before = {k: torch.zeros_like(torch.as_tensor(v)) for k, v in new.items()} if isinstance(new, dict) \
+                else torch.zeros_like(new)
+            self._restart_mean = True
+        if isinstance(new, dict) and isinstance(before, dict):
+            trainer.tloss = {k: _finite_or(v, before.get(k)) for k, v in new.items()}
+        elif isinstance(new, torch.Tensor) and isinstance(before, torch.Tensor) and new.shape == before.shape:
+            trainer.tloss = _finite_or(new, before)
 
     # ------------------------------------------------------------------ the step
     def optimizer_step(self) -> None:
@@ -307,6 +347,7 @@ class UltralyticsGuard:
         result = guard.step(loss, epoch=int(trainer.epoch), batch_index=max(self._batch_index, 0),
                             sample_ids=files or None)
         self.results.append(result)
+        self.keep_running_loss_finite()
 
     def on_train_epoch_end(self, trainer: Any) -> None:
         """Before validation and saving: contaminated state (a NaN weight, EMA or optimizer moment that no
@@ -477,6 +518,13 @@ class UltralyticsGuard:
         if self.guard is None:
             raise RuntimeError("nanguard: the guard is built at on_pretrain_routine_end; the trainer has not got there")
         return self.guard
+
+
+def _finite_or(value: Any, fallback: Any) -> Any:
+    """``value`` where finite, ``fallback`` elsewhere (tensors, on the device); ``value`` when either is no tensor."""
+    if not isinstance(value, torch.Tensor) or not isinstance(fallback, torch.Tensor):
+        return value
+    return torch.where(torch.isfinite(value), value, fallback.to(value.device, value.dtype))
 
 
 def _copy_into(src: Path, dst: Path) -> None:
