@@ -128,3 +128,19 @@ def test_metrics_show_the_rewound_steps_after_a_rollback(tmp_path: Path) -> None
     assert steps[rollback["step"] + 1] == to_step  # the next row is the first replayed step
     replayed = read_metrics(tmp_path)[rollback["step"] + 1:]
     assert replayed[0]["lr"] == pytest.approx(1e-2 * rollback["detail"]["lr_factor"])
+
+
+def test_a_journal_that_cannot_be_opened_leaves_no_connection_or_files_behind(tmp_path: Path) -> None:
+    from nanguard.errors import JournalError
+    from nanguard.journal import Journal
+
+    Journal(tmp_path).close()
+    db = sqlite3.connect(journal_path(tmp_path))
+    db.execute("PRAGMA user_version=99")  # a journal from a newer nanguard
+    db.close()
+    before = sorted(p.name for p in journal_path(tmp_path).parent.iterdir())
+    with pytest.raises(JournalError, match="schema version 99") as refused:
+        Journal(tmp_path)
+    assert refused.value is not None  # the exception (and so any frame it holds) is still alive here
+    assert sorted(p.name for p in journal_path(tmp_path).parent.iterdir()) == before  # no -wal/-shm left open
+

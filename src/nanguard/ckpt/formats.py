@@ -24,6 +24,7 @@ from nanguard.ckpt.pickle_scan import CheckpointLimit
 from nanguard.ckpt.stfile import SafetensorsError
 from nanguard.ckpt.unpickler import InertObject, recording_calls
 from nanguard.errors import UnreadableCheckpoint
+from nanguard.paths import describe_kind
 
 
 def read_checkpoint(path: str | Path) -> CheckpointTree:
@@ -59,7 +60,7 @@ def _read_tree(path: Path) -> CheckpointTree:
             raise UnreadableCheckpoint(f"{path}: folder is neither a HF Trainer nor a DCP checkpoint")
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):  # a FIFO would block the first read, /dev/zero never end
-            raise UnreadableCheckpoint(f"{path}: not a regular file")
+            raise UnreadableCheckpoint(f"{path}: is {describe_kind(info.st_mode)}, not a regular file")
         if info.st_size == 0:
             raise UnreadableCheckpoint(f"{path}: empty file")
         root, globals_, container = read_file_tree(path)

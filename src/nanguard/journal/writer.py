@@ -40,21 +40,27 @@ class Journal:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path = journal_path(run_dir)
+        db: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             probe = self.path.parent / f".write-test-{os.getpid()}"
             probe.touch()
             probe.unlink()
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            db = self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, SCHEMA_VERSION):
                 raise JournalError(f"{self.path}: journal schema version {version} is newer than this nanguard")
-            self._db.executescript(_SCHEMA)
+            # Tables and version in one transaction: a process killed while it first creates the journal leaves
+            # either no schema or all of it, never some tables without the version the readers check.
+            self._db.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;")
             self._add_missing_columns()
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except (OSError, sqlite3.Error) as err:
+        except (OSError, sqlite3.Error, JournalError) as err:
+            if db is not None:
+                db.close()  # a failed open leaves no connection (and so no -wal/-shm files) behind
+            if isinstance(err, JournalError):
+                raise
             raise JournalError(f"{self.path}: cannot create or open the journal ({err})") from None
 
     def _add_missing_columns(self) -> None:
