@@ -1,12 +1,15 @@
-"""logscan_train.py trains a tiny guarded YOLO11n so that tests/test_scan_log.py can read its console log.
+"""logscan_train.py trains a tiny YOLO11n (guarded, or with ``--unguarded`` Ultralytics alone) so that
+tests/test_scan_log.py can read its console log.
 
 It is run as a subprocess with stdout and stderr redirected to a file, the way users get their logs
 (``yolo train ... > train.log 2>&1``)::
 
     python tests/logscan_train.py DATA_YAML PROJECT [--epochs 3] [--nan-at EPOCH,BATCH] [--pace SECONDS]
+        [--unguarded]
 
-``--nan-at`` puts NaN into the input images of one batch (after Ultralytics' own preprocessing): a real
-fault whose loss is NaN, which the guard skips and journals with that epoch and batch index. ``--pace``
+``--nan-at`` puts NaN into the input images of one batch (after Ultralytics' own preprocessing), once: a real
+fault whose loss is NaN, which the guard skips and journals with that epoch and batch index (unguarded, the
+NaN reaches the weights and Ultralytics' own recovery reloads ``last.pt`` and re-runs the epoch). ``--pace``
 sleeps at the start of every batch; see :func:`main` for why. The environment (``YOLO_OFFLINE``,
 ``YOLO_CONFIG_DIR``) comes from the caller.
 """
@@ -26,6 +29,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--nan-at", default=None, help="EPOCH,BATCH (0-based) whose input images become NaN")
     parser.add_argument("--pace", type=float, default=0.15)
+    parser.add_argument("--unguarded", action="store_true", help="train with Ultralytics alone (no nanguard)")
     args = parser.parse_args()
     nan_at = tuple(int(v) for v in args.nan_at.split(",")) if args.nan_at else None
 
@@ -34,8 +38,9 @@ def main() -> None:
     from nanguard.integrations.ultralytics import guard
 
     model = YOLO("yolo11n.yaml")
-    guard(model)
-    state = {"batch": -1}
+    if not args.unguarded:
+        guard(model)
+    state = {"batch": -1, "injected": False}
 
     def epoch_start(trainer: Any) -> None:
         state["batch"] = -1
@@ -52,7 +57,8 @@ def main() -> None:
 
         def preprocess(batch: dict[str, Any]) -> dict[str, Any]:
             batch = original(batch)
-            if nan_at == (trainer.epoch, state["batch"]):
+            if nan_at == (trainer.epoch, state["batch"]) and not state["injected"]:
+                state["injected"] = True  # once: Ultralytics' own NaN recovery may re-run the epoch
                 batch["img"][0].fill_(float("nan"))  # one image of this batch is NaN: a real input fault
             return batch
 
