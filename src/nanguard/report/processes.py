@@ -14,6 +14,7 @@ state is reported as unknown.
 from __future__ import annotations
 
 import math
+import os
 import socket
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -86,7 +87,7 @@ class SupervisorState:
 def read_supervisor(run_dir: Path, *, probe_processes: bool = True) -> SupervisorState:
     """Read ``RUN_DIR/.nanguard/supervisor.json``; never raises."""
     path = status_path(run_dir)
-    if not path.is_file():
+    if not os.path.lexists(path):  # a FIFO or folder named like it is there, and reported unreadable below
         return SupervisorState(path, False, None, {})
     try:
         data = load_status(run_dir)

@@ -23,12 +23,15 @@ from typing import Any
 
 from nanguard.atomic import atomic_copy, atomic_write_bytes, remove_durably
 from nanguard.journal import JOURNAL_DIR, Journal
+from nanguard.paths import BadPath, read_json_file
 from nanguard.runs.base import RESULTS_CSV, WEIGHTS_DIR, RollbackRefused
 from nanguard.runs.intent import clear_intent, committed, intent_path, new_intent_id, read_intent, write_intent
 from nanguard.runs.lock import folder_writer, utc_now
 
 BACKUPS_DIR = "backups"
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 1 << 20
+"""Largest manifest read (1 MiB): it lists three files with their SHA-256; a larger one is not nanguard's."""
 BACKED_UP = (f"{WEIGHTS_DIR}/last.pt", f"{WEIGHTS_DIR}/best.pt", RESULTS_CSV)
 """The files a rollback may change, relative to the run folder; each is backed up before anything is written."""
 
@@ -88,8 +91,8 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     """The backup's manifest, or None when it has none (an interrupted backup) or it is not a JSON object with
     a ``files`` object."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = read_json_file(folder / MANIFEST, MAX_MANIFEST_BYTES, "backup manifest")
+    except (BadPath, ValueError):
         return None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         return None
