@@ -429,3 +429,11 @@ def test_a_supervisor_file_that_is_not_one_is_reported_in_the_dashboard_without_
         path.write_text(SUPERVISOR_FILES[damage])
     status = json.loads(invoke("status", known_times, "--json").stdout)
     assert "unreadable" in status["supervisor"]["error"]
+
+
+def test_a_supervisor_file_with_fields_of_the_wrong_type_is_reported_not_a_traceback(known_times: Path) -> None:
+    (known_times / ".nanguard" / "supervisor.json").write_text(json.dumps(
+        {"state": "running", "command": 5, "resume_command": {"a": 1}, "log": [1, [2]], "pid": "x"}))
+    assert "command is not a command line" in invoke("status", known_times).stdout
+    status = json.loads(invoke("status", known_times, "--json").stdout)
+    assert "resume_command is not a command line" in status["supervisor"]["error"]

@@ -97,6 +97,12 @@ def read_supervisor(run_dir: Path, *, probe_processes: bool = True) -> Superviso
     state = data.get("state")
     if state not in SUPERVISOR_STATES:
         problems.append(f"unknown state {state!r}")
+    for key in ("command", "resume_command", "log"):  # shown as text: a string, or a list of strings
+        value = data.get(key)
+        if value is not None and not (isinstance(value, str)
+                                      or isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            problems.append(f"{key} is not a command line")
+            data = {k: v for k, v in data.items() if k != key}
     progress = data.get("last_progress")
     if progress is not None and not isinstance(progress, dict):
         problems.append("last_progress is not an object")
