@@ -100,7 +100,7 @@ def read_supervisor(run_dir: Path, *, probe_processes: bool = True) -> Superviso
     for key in ("command", "resume_command", "log"):  # shown as text: a string, or a list of strings
         value = data.get(key)
         if value is not None and not (isinstance(value, str)
-                                      or isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                                      or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
             problems.append(f"{key} is not a command line")
             data = {k: v for k, v in data.items() if k != key}
     progress = data.get("last_progress")
