@@ -415,6 +415,9 @@ HOSTILE_RUN_FILES: dict[str, tuple[str, Any]] = {
     "intent.json a FIFO": (".nanguard/intent.json", _fifo),
     "intent.json nested past the decoder": (".nanguard/intent.json", b"[" * 100_000 + b"]" * 100_000),
     "lock a FIFO": (".nanguard/lock", _fifo),
+    "last.pt a folder": ("weights/last.pt", lambda p: (p.unlink(), p.mkdir())),
+    "results.csv a folder": ("results.csv", lambda p: (p.unlink(), p.mkdir())),
+    "best.pt a symlink loop": ("weights/best.pt", lambda p: (p.unlink(), p.symlink_to(p.name))),
 }
 
 
@@ -424,14 +427,14 @@ def test_rollback_and_undo_refuse_a_hostile_run_file_in_one_line_without_blockin
 ) -> None:
     name, content = HOSTILE_RUN_FILES[damage]
     path = run / name
-    path.parent.mkdir(exist_ok=True)
+    (run / ".nanguard").mkdir(exist_ok=True)  # so undo gets past "no backup" to the file
     if callable(content):
         content(path)
     else:
         path.write_bytes(content)
     before = tree_hashes(run)
     commands = [["rollback", "--dry-run"], ["rollback", "--to", "epoch 1"]]
-    if name != "results.csv":
+    if name != "results.csv" or path.is_dir():
         commands.append(["undo"])
     for args in commands:
         result = runner.invoke(app, [args[0], str(run), *args[1:]])

@@ -42,7 +42,14 @@ from typing import Any
 from nanguard.atomic import atomic_copy, atomic_write_bytes
 from nanguard.errors import JournalError
 from nanguard.journal import Journal, journal_path
-from nanguard.runs.backups import BACKED_UP, new_backup_name, recover_pending, sha256_file, take_backup
+from nanguard.runs.backups import (
+    BACKED_UP,
+    new_backup_name,
+    recover_pending,
+    require_replaceable,
+    sha256_file,
+    take_backup,
+)
 from nanguard.runs.base import RESULTS_CSV, WEIGHTS_DIR, RollbackRefused, as_float, as_int
 from nanguard.runs.candidates import Candidate, examine, journal_taints, require_resumable, train_args_of
 from nanguard.runs.intent import clear_intent, new_intent_id, read_intent, write_intent
@@ -190,6 +197,7 @@ def plan_rollback(
         raise RollbackRefused(f"{run}: no such run folder")
     if not weights.is_dir():
         raise RollbackRefused(f"{run}: no weights folder ({weights}); is this an Ultralytics run folder?")
+    require_replaceable(run)
     if lr_scale is not None and not (math.isfinite(lr_scale) and lr_scale > 0):
         raise RollbackRefused(f"--lr-scale {lr_scale}: must be a finite number above 0")
     taints = journal_taints(run)
