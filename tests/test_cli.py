@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,52 @@ def test_every_path_argument_refuses_the_wrong_kind_without_blocking(tmp_path: P
     result = run_cli([arg.format(**values) for arg in args], cwd=tmp_path, timeout=60)
     assert_one_line_error(result, ExitCode.BAD_INPUT, named.format(**values))
     assert sorted(tmp_path.rglob("*")) == before and file.read_text() == "not a folder\n"
+
+
+# Rows a damaged or hostile journal can hold: each is a column of the wrong type, a JSON column that is not
+# JSON or not the shape nanguard writes, a time no clock can show, a text far beyond any name nanguard writes.
+BAD_JOURNAL_ROWS = {
+    "tensors not JSON": "UPDATE incidents SET tensors = '{{not json'",
+    "tensors a number": "UPDATE incidents SET tensors = '5'",
+    "tensors of numbers": "UPDATE incidents SET tensors = '[1, 2]'",
+    "sample_ids an object": "UPDATE incidents SET sample_ids = '{\"a\": 1}'",
+    "step as text": "UPDATE incidents SET step = 'abc'",
+    "epoch as text": "UPDATE incidents SET epoch = 'x'",
+    "loss_text not a non-finite name": "UPDATE incidents SET loss_text = 'hello'",
+    "loss a blob": "UPDATE incidents SET loss = x'00ff'",
+    "kind of 1 MB": "UPDATE incidents SET kind = printf('%.*c', 1000000, 'k')",
+    "wall_time as text": "UPDATE incidents SET wall_time = 'x'",
+    "wall_time past year 9999": "UPDATE incidents SET wall_time = 1e308",
+    "detail not JSON": "UPDATE actions SET detail = 'nope'",
+    "detail a list": "UPDATE actions SET detail = '[1, 2]'",
+    "policy not JSON": "UPDATE runs SET policy = 'x'",
+    "pid as text": "UPDATE runs SET pid = 'x', status = 'running'",
+    "started_at as text": "UPDATE runs SET started_at = 'x'",
+    "checkpoint findings not JSON": "INSERT INTO checkpoints (path, status, findings, tainted, wall_time) "
+                                    "VALUES ('/x.pt', 'clean', 'nope', 0, 1.0)",
+    "checkpoint path a blob": "INSERT INTO checkpoints (path, status, findings, tainted, wall_time) "
+                              "VALUES (x'00', 'clean', '[]', 0, 1.0)",
+    "metrics of text": "INSERT INTO metrics (run_id, step, epoch, batch_index, loss, applied, wall_time, lr) "
+                       "VALUES (1, 'x', 'y', 'z', 'w', 'a', 'b', 'c')",
+    "metrics loss_text garbage": "INSERT INTO metrics (run_id, step, loss_text, applied, wall_time) "
+                                 "VALUES (1, 1, 'zzz', 1, 1.0)",
+}
+
+
+@pytest.mark.parametrize("damage", BAD_JOURNAL_ROWS, ids=list(BAD_JOURNAL_ROWS))
+def test_every_journal_command_refuses_a_row_of_the_wrong_shape_in_one_line(run_dir: Path, damage: str) -> None:
+    journal = Journal(run_dir)
+    journal.record_action(1, step=120, action="skip", reason="nonfinite_loss", detail={"step": 120})
+    journal.close()
+    with sqlite3.connect(journal_path(run_dir)) as db:
+        db.execute(BAD_JOURNAL_ROWS[damage])
+    db.close()
+    before = journal_path(run_dir).read_bytes()
+    for args in (["incidents"], ["incidents", "--json"], ["status", "--json"], ["status"],
+                 ["plan", "--epochs", "3"], ["report", "-o", str(run_dir / "r.html")]):
+        result = runner.invoke(app, [args[0], str(run_dir), *args[1:]])
+        if args[0] == "incidents" and result.exit_code == 0:
+            continue  # a damaged table other than incidents is not read by `incidents`
+        assert_one_line_error(result, ExitCode.BAD_INPUT, str(journal_path(run_dir)), "row")
+    assert journal_path(run_dir).read_bytes() == before
+    assert not (run_dir / "r.html").exists()

@@ -378,3 +378,62 @@ def test_status_renders_to_a_fixed_width_console(known_times: Path) -> None:
     out = console.file.getvalue()  # type: ignore[attr-defined]
     assert "3/10 done; epoch 3 in progress" in out and "6/10 of epoch 3" in out, out
     assert "1m 00s (median of 3 clean measured epoch(s)" in out, out
+
+
+BAD_RESULTS_CSV = {
+    "binary": bytes(range(256)) * 8,
+    "a field over the csv limit": b"epoch,x\n1,\"" + b"9" * 300_000 + b"\"\n",
+    "NUL bytes": b"epoch,x\n1,\x002\n",
+    "latin-1": b"epoch,x\n1,\xff\xfe\n",
+}
+
+
+@pytest.mark.parametrize("damage", BAD_RESULTS_CSV, ids=list(BAD_RESULTS_CSV))
+def test_status_report_and_plan_refuse_a_results_csv_that_is_not_one_in_one_line(
+    known_times: Path, damage: str
+) -> None:
+    csv_path = known_times / "results.csv"
+    csv_path.write_bytes(BAD_RESULTS_CSV[damage])
+    for args in (["status"], ["status", "--json"], ["plan"], ["report", "-o", str(known_times / "r.html")]):
+        result = runner.invoke(app, [args[0], str(known_times), *args[1:]])
+        assert_one_line_error(result, ExitCode.BAD_INPUT, str(csv_path))
+    assert not (known_times / "r.html").exists()
+
+
+def test_epoch_counts_past_any_real_run_are_not_trusted(known_times: Path) -> None:
+    (known_times / "args.yaml").write_text("epochs: 99999999999999999999999999\n")
+    (known_times / "results.csv").write_text("epoch,train/box_loss\n1e300,1\n99999999999999999999999,2\ninf,3\n1,4\n")
+    status = json.loads(invoke("status", known_times, "--json").stdout)
+    assert status["epochs_total"] is None
+    invoke("report", known_times, "-o", known_times / "r.html")
+    assert_one_line_error(runner.invoke(app, ["plan", str(known_times)]), ExitCode.BAD_INPUT, "pass --epochs N")
+    result = runner.invoke(app, ["plan", str(known_times), "--epochs", "10000000"])
+    assert result.exit_code == ExitCode.BAD_INPUT and "Traceback" not in result.output
+
+
+SUPERVISOR_FILES: dict[str, Any] = {
+    "nested past the decoder": "[" * 100_000 + "]" * 100_000,
+    "over 1 MiB": '{"x": "' + "a" * (2 << 20) + '"}',
+    "a FIFO": None,
+}
+
+
+@pytest.mark.parametrize("damage", SUPERVISOR_FILES, ids=list(SUPERVISOR_FILES))
+def test_a_supervisor_file_that_is_not_one_is_reported_in_the_dashboard_without_blocking(
+    known_times: Path, damage: str
+) -> None:
+    path = known_times / ".nanguard" / "supervisor.json"
+    if SUPERVISOR_FILES[damage] is None:
+        os.mkfifo(path)
+    else:
+        path.write_text(SUPERVISOR_FILES[damage])
+    status = json.loads(invoke("status", known_times, "--json").stdout)
+    assert "unreadable" in status["supervisor"]["error"]
+
+
+def test_a_supervisor_file_with_fields_of_the_wrong_type_is_reported_not_a_traceback(known_times: Path) -> None:
+    (known_times / ".nanguard" / "supervisor.json").write_text(json.dumps(
+        {"state": "running", "command": 5, "resume_command": {"a": 1}, "log": [1, [2]], "pid": "x"}))
+    assert "command is not a command line" in invoke("status", known_times).stdout
+    status = json.loads(invoke("status", known_times, "--json").stdout)
+    assert "resume_command is not a command line" in status["supervisor"]["error"]

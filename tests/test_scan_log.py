@@ -422,3 +422,10 @@ def _write(text: str, name: str, folder: Path) -> Path:
 def _write_bytes(data: bytes, path: Path) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_a_results_csv_epoch_of_inf_or_1e300_is_an_unreadable_row_not_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "results.csv"
+    path.write_text("epoch,x\n1e300,1\n99999999999999999999999,2\ninf,3\n-5,4\n")
+    result = runner.invoke(app, ["scan-log", str(path), "--json"])
+    assert result.exit_code == ExitCode.OK, result.output

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from nanguard.ckpt import is_allowed_global, load_checkpoint, read_checkpoint, save_checkpoint
-from nanguard.errors import UnreadableCheckpoint
+from nanguard.errors import JournalError, UnreadableCheckpoint
 from nanguard.journal import IncidentRecord, Journal, journal_path, read_incidents, read_snapshots
 from nanguard.snapshot import Snapshot, SnapshotRing, capture_rng, copy_state, restore_rng
 from nanguard.snapshot_store import SnapshotStore
@@ -481,3 +481,20 @@ def file_sha(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_rotation_never_deletes_a_file_outside_the_run_folder_that_a_journal_row_names(
+    training: Training, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    journal = Journal(run)
+    run_id = journal.start_run(policy={})
+    journal.record_snapshot(run_id, step=1, path="../victim.txt", sha256="0" * 64, size=7, clean=False)
+    store = SnapshotStore(run, journal, run_id, keep=2)
+    with pytest.raises(JournalError, match=r"snapshots row 1: path is not a relative path inside the run folder"):
+        for step in (10, 20, 30):
+            store.save(Snapshot.capture(step, training.components()), clean=False)
+    journal.close()
+    assert victim.read_text() == "keep me"

@@ -402,3 +402,41 @@ def test_unsafe_target_is_refused_even_with_force(run: Path, tmp_path: Path) -> 
     assert plan_rollback(run).target.name == "epoch2.pt"  # latest-clean skips it
     assert tree_hashes(run) == before
     assert not marker.exists()
+
+
+def _fifo(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+HOSTILE_RUN_FILES: dict[str, tuple[str, Any]] = {
+    "results.csv not UTF-8": ("results.csv", bytes(range(256)) * 4),
+    "results.csv field over the csv limit": ("results.csv", b"epoch,x\n1,\"" + b"9" * 300_000 + b"\"\n"),
+    "intent.json a FIFO": (".nanguard/intent.json", _fifo),
+    "intent.json nested past the decoder": (".nanguard/intent.json", b"[" * 100_000 + b"]" * 100_000),
+    "lock a FIFO": (".nanguard/lock", _fifo),
+    "last.pt a folder": ("weights/last.pt", lambda p: (p.unlink(), p.mkdir())),
+    "results.csv a folder": ("results.csv", lambda p: (p.unlink(), p.mkdir())),
+    "best.pt a symlink loop": ("weights/best.pt", lambda p: (p.unlink(), p.symlink_to(p.name))),
+}
+
+
+@pytest.mark.parametrize("damage", HOSTILE_RUN_FILES, ids=list(HOSTILE_RUN_FILES))
+def test_rollback_and_undo_refuse_a_hostile_run_file_in_one_line_without_blocking_or_changing_anything(
+    run: Path, damage: str
+) -> None:
+    name, content = HOSTILE_RUN_FILES[damage]
+    path = run / name
+    (run / ".nanguard").mkdir(exist_ok=True)  # so undo gets past "no backup" to the file
+    if callable(content):
+        content(path)
+    else:
+        path.write_bytes(content)
+    before = tree_hashes(run)
+    commands = [["rollback", "--dry-run"], ["rollback", "--to", "epoch 1"]]
+    if name != "results.csv" or path.is_dir():
+        commands.append(["undo"])
+    for args in commands:
+        result = runner.invoke(app, [args[0], str(run), *args[1:]])
+        assert_one_line_error(result, ExitCode.BAD_INPUT, str(path))
+        assert tree_hashes(run) == before

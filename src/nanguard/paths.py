@@ -14,9 +14,11 @@ path and what it is, in one line. It imports only the standard library and ``nan
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from nanguard.errors import NanguardError
 
@@ -127,3 +129,18 @@ def read_regular_file(path: str | os.PathLike[str], limit: int, what: str = "fil
     if len(data) > limit:
         raise BadPath(f"{os.fspath(path)}: larger than {limit} bytes, too large for a {what}")
     return data
+
+
+def read_json_file(path: str | os.PathLike[str], limit: int, what: str = "file") -> Any:
+    """The JSON value of a regular file of at most ``limit`` bytes (read as :func:`read_regular_file` does).
+
+    Raises:
+        BadPath: what :func:`read_regular_file` refuses.
+        ValueError: not UTF-8 JSON, or nested deeper than the interpreter can decode (``[[[[...``, which
+            makes ``json`` raise ``RecursionError``).
+    """
+    raw = read_regular_file(path, limit, what)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None

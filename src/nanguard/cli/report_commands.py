@@ -19,10 +19,11 @@ from rich.console import Console, Group
 from nanguard.cli import JsonFlag, RunDir, app
 from nanguard.cli.output import PIPE_WIDTH, _emit
 from nanguard.cli.params import folder_arg, output_file_arg
+from nanguard.runs.base import MAX_EPOCHS
 
 EpochsOption = Annotated[
     int | None,
-    typer.Option("--epochs", min=1, metavar="N", show_default=False,
+    typer.Option("--epochs", min=1, max=MAX_EPOCHS, metavar="N", show_default=False,
                  help="The run's total epochs, when args.yaml does not say (loops other than Ultralytics)."),
 ]
 

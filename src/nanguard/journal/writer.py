@@ -23,7 +23,7 @@ from nanguard.journal.base import (
     MetricRecord,
     journal_path,
 )
-from nanguard.journal.readers import _checkpoint_dict, _snapshot_dict
+from nanguard.journal.readers import checked_row, checkpoint_dict, snapshot_dict
 
 
 def _finite_or_text(value: float | None) -> tuple[float | None, str | None]:
@@ -148,7 +148,7 @@ class Journal:
         )
         row = self._db.execute("SELECT * FROM checkpoints WHERE id = ?", (cursor.lastrowid,)).fetchone()
         names = [column[0] for column in self._db.execute("SELECT * FROM checkpoints LIMIT 0").description]
-        return _checkpoint_dict(dict(zip(names, row, strict=True)))
+        return checkpoint_dict(dict(zip(names, row, strict=True)))
 
     def _taint_reason(self, record: CheckpointRecord) -> str | None:
         try:
@@ -237,9 +237,10 @@ class Journal:
         try:
             cursor = self._db.execute("SELECT * FROM snapshots ORDER BY id")
             names = [column[0] for column in cursor.description]
-            return [_snapshot_dict(dict(zip(names, row, strict=True))) for row in cursor.fetchall()]
+            rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
         except sqlite3.Error as err:
             raise JournalError(f"{self.path}: cannot read snapshots ({err})") from None
+        return [snapshot_dict(checked_row(self.path, "snapshots", row)) for row in rows]
 
     def _transaction(self, body: Callable[[], None]) -> None:
         # BEGIN IMMEDIATE takes the write lock before the first read, so what ``body`` reads stays true

@@ -307,7 +307,7 @@ class PieceParser:
         row = dict(zip(self.csv_columns, cells, strict=False))
         try:
             epoch = int(float(row.get("epoch", ""))) - 1  # results.csv counts epochs from 1
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: an epoch of inf
             return None
         values: dict[str, float] = {}
         for key, raw in row.items():

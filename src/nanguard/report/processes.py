@@ -14,6 +14,7 @@ state is reported as unknown.
 from __future__ import annotations
 
 import math
+import os
 import socket
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -86,7 +87,7 @@ class SupervisorState:
 def read_supervisor(run_dir: Path, *, probe_processes: bool = True) -> SupervisorState:
     """Read ``RUN_DIR/.nanguard/supervisor.json``; never raises."""
     path = status_path(run_dir)
-    if not path.is_file():
+    if not os.path.lexists(path):  # a FIFO or folder named like it is there, and reported unreadable below
         return SupervisorState(path, False, None, {})
     try:
         data = load_status(run_dir)
@@ -96,6 +97,12 @@ def read_supervisor(run_dir: Path, *, probe_processes: bool = True) -> Superviso
     state = data.get("state")
     if state not in SUPERVISOR_STATES:
         problems.append(f"unknown state {state!r}")
+    for key in ("command", "resume_command", "log"):  # shown as text: a string, or a list of strings
+        value = data.get(key)
+        if value is not None and not (isinstance(value, str)
+                                      or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            problems.append(f"{key} is not a command line")
+            data = {k: v for k, v in data.items() if k != key}
     progress = data.get("last_progress")
     if progress is not None and not isinstance(progress, dict):
         problems.append("last_progress is not an object")

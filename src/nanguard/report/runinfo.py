@@ -31,12 +31,14 @@ from nanguard.report.timing import (
     epoch_times,
     median_epoch_seconds,
 )
-from nanguard.runs.base import RESULTS_CSV
+from nanguard.runs.base import MAX_EPOCHS, RESULTS_CSV
 from nanguard.runs.results_csv import read_results
 
 ARGS_YAML = "args.yaml"
+ARGS_YAML_BYTES = 1 << 20
+"""How much of ``args.yaml`` is read for its ``epochs:`` line (1 MiB; Ultralytics writes about 2 KB)."""
 PROBATION_EVENTS = ("probation_passed", "probation_failed")
-_EPOCHS_LINE = re.compile(r"^epochs:\s*(\d+)\s*$", re.MULTILINE)
+_EPOCHS_LINE = re.compile(r"^epochs:\s*(\d{1,12})\s*$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -233,13 +235,14 @@ def _epochs_total(run: Path, epochs: int | None, supervisor: SupervisorState) ->
     args = run / ARGS_YAML
     if args.is_file():
         try:
-            match = _EPOCHS_LINE.search(args.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError):
+            with args.open("rb") as handle:  # Ultralytics writes ~2 KB; the first MiB holds `epochs:` or nothing
+                match = _EPOCHS_LINE.search(handle.read(ARGS_YAML_BYTES).decode("utf-8", "replace"))
+        except OSError:
             match = None
-        if match:
+        if match and 1 <= int(match.group(1)) <= MAX_EPOCHS:  # a larger count is damage: unknown, not trusted
             return int(match.group(1)), ARGS_YAML
     progress = supervisor.data.get("last_progress") if supervisor.error is None else None
-    if isinstance(progress, dict) and isinstance(progress.get("epochs"), int):
+    if isinstance(progress, dict) and isinstance(progress.get("epochs"), int) and 1 <= progress["epochs"] <= MAX_EPOCHS:
         return int(progress["epochs"]), "supervisor.json"
     return None, None
 

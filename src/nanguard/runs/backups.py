@@ -16,6 +16,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +24,15 @@ from typing import Any
 
 from nanguard.atomic import atomic_copy, atomic_write_bytes, remove_durably
 from nanguard.journal import JOURNAL_DIR, Journal
+from nanguard.paths import BadPath, read_json_file, require_regular_file
 from nanguard.runs.base import RESULTS_CSV, WEIGHTS_DIR, RollbackRefused
 from nanguard.runs.intent import clear_intent, committed, intent_path, new_intent_id, read_intent, write_intent
 from nanguard.runs.lock import folder_writer, utc_now
 
 BACKUPS_DIR = "backups"
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 1 << 20
+"""Largest manifest read (1 MiB): it lists three files with their SHA-256; a larger one is not nanguard's."""
 BACKED_UP = (f"{WEIGHTS_DIR}/last.pt", f"{WEIGHTS_DIR}/best.pt", RESULTS_CSV)
 """The files a rollback may change, relative to the run folder; each is backed up before anything is written."""
 
@@ -49,6 +53,19 @@ class UndoResult:
     def to_dict(self) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "backup_dir": str(self.backup_dir), "restored": list(self.restored),
                 "removed": list(self.removed), "action_id": self.action_id, "recovered": self.recovered}
+
+
+def require_replaceable(run: Path) -> None:
+    """Raise :class:`RollbackRefused` when a file rollback and undo replace (:data:`BACKED_UP`) is there but is
+    no regular file (a folder, a FIFO, a device, a symlink loop): checked before anything is written, so such a
+    run folder is refused whole instead of failing half-way through a restore."""
+    for name in BACKED_UP:
+        path = run / name
+        if os.path.lexists(path):
+            try:
+                require_regular_file(path)
+            except BadPath as err:
+                raise RollbackRefused(f"{err}; rollback and undo replace it, so they change nothing") from None
 
 
 def backup_root(run: Path) -> Path:
@@ -88,8 +105,8 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     """The backup's manifest, or None when it has none (an interrupted backup) or it is not a JSON object with
     a ``files`` object."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = read_json_file(folder / MANIFEST, MAX_MANIFEST_BYTES, "backup manifest")
+    except (BadPath, ValueError):
         return None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         return None
@@ -149,6 +166,7 @@ def undo_last(run_dir: str | Path) -> UndoResult:
         raise RollbackRefused(f"{run}: no such run folder")
     if not (run / JOURNAL_DIR).is_dir():  # not a folder nanguard ever rolled back: create nothing
         raise RollbackRefused(f"{backup_root(run)}: no backup left to undo")
+    require_replaceable(run)
     with folder_writer(run, "undo"):
         recovered = recover_pending(run)
         folder, manifest = _newest_backup(run)

@@ -17,6 +17,10 @@ from nanguard.errors import ExitCode, NanguardError
 
 WEIGHTS_DIR = "weights"
 RESULTS_CSV = "results.csv"
+MAX_EPOCHS = 1_000_000
+"""Most epochs a run can have, as read from ``args.yaml``, ``--epochs`` or a results.csv ``epoch`` cell. Real
+runs have hundreds; a larger number read from a file is damage, and trusting it would put ETAs past the year
+9999 (where no clock can show them) and epoch axes at 1e300."""
 
 
 class RollbackRefused(NanguardError):

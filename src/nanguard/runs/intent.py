@@ -22,6 +22,7 @@ and clears the record and tells whether it was committed; it changes no run file
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 from nanguard.atomic import atomic_write_bytes, remove_durably
 from nanguard.errors import JournalError
 from nanguard.journal import JOURNAL_DIR, journal_path, read_actions
+from nanguard.paths import BadPath, read_json_file
 from nanguard.runs.base import RollbackRefused
 from nanguard.runs.lock import utc_now
 
@@ -64,14 +66,13 @@ def read_intent(run: Path) -> dict[str, Any] | None:
             and an id).
     """
     path = intent_path(run)
-    try:
-        if path.stat().st_size > _INTENT_BYTES:
-            raise RollbackRefused(f"{path}: not a nanguard intent record (over {_INTENT_BYTES} bytes); inspect "
-                                  "the run folder, then remove it")
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return None
-    except (OSError, ValueError) as err:
+    try:
+        data = read_json_file(path, _INTENT_BYTES, "intent record")  # a FIFO or folder: refused, never opened
+    except BadPath as err:
+        raise RollbackRefused(f"{err}; inspect the run folder, then remove it") from None
+    except ValueError as err:
         raise RollbackRefused(f"{path}: unreadable intent record ({err}); inspect the run folder, then remove "
                               "it") from None
     if (not isinstance(data, dict) or data.get("action") not in ("disk_rollback", "disk_undo")

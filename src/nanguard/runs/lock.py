@@ -30,12 +30,14 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from nanguard.errors import ExitCode, JournalError, NanguardError
 from nanguard.journal import JOURNAL_DIR
+from nanguard.paths import BadPath, describe_kind, open_regular_file
 
 LOCK_FILE = "lock"
 GUARD_LOCK_FILE = "guard.lock"
@@ -89,9 +91,15 @@ def acquire(path: Path, purpose: str, refusal: str) -> HeldLock:
     """
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
         except OSError as err:
             raise JournalError(f"{path}: cannot open the lock file ({err.strerror or err})") from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # a FIFO or device named like the lock: not one nanguard made
+            os.close(fd)
+            raise JournalError(f"{path}: is {describe_kind(mode)}, not a lock file; inspect the run folder, then "
+                               "remove it")
+        os.set_blocking(fd, True)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -120,9 +128,11 @@ def check_free(path: Path, refusal: str) -> None:
     """Raise :class:`RunLocked` (the same message as :func:`acquire`) when a live process holds ``path``;
     creates nothing (the dry run's check)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
+        fd = open_regular_file(path, "lock file")  # O_NONBLOCK: a FIFO named like the lock never blocks
+    except BadPath:
+        if not os.path.lexists(path):
+            return
+        raise
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -140,7 +150,7 @@ def holder_text(raw: bytes) -> str:
         info = json.loads(raw.decode("utf-8"))
         if isinstance(info, dict):
             return f"pid {info.get('pid')} on {info.get('host')} since {info.get('time')} ({info.get('purpose')})"
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a file of [[[[... nested past the decoder's depth
         pass
     text = raw.decode("ascii", "replace").strip()
     return f"pid {text}" if text.isdigit() else "another process"

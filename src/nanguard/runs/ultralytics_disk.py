@@ -42,12 +42,19 @@ from typing import Any
 from nanguard.atomic import atomic_copy, atomic_write_bytes
 from nanguard.errors import JournalError
 from nanguard.journal import Journal, journal_path
-from nanguard.runs.backups import BACKED_UP, new_backup_name, recover_pending, sha256_file, take_backup
+from nanguard.runs.backups import (
+    BACKED_UP,
+    new_backup_name,
+    recover_pending,
+    require_replaceable,
+    sha256_file,
+    take_backup,
+)
 from nanguard.runs.base import RESULTS_CSV, WEIGHTS_DIR, RollbackRefused, as_float, as_int
 from nanguard.runs.candidates import Candidate, examine, journal_taints, require_resumable, train_args_of
 from nanguard.runs.intent import clear_intent, new_intent_id, read_intent, write_intent
 from nanguard.runs.lock import HeldLock, check_writer_free, folder_writer, state_folder
-from nanguard.runs.results_csv import trim_counts, trim_results
+from nanguard.runs.results_csv import read_results_text, trim_counts, trim_results
 
 _EPOCH_TARGET = re.compile(r"^epoch\s*[:=]?\s*(\d+)$", re.IGNORECASE)
 _EPOCH_FILE = re.compile(r"^epoch(\d+)\.pt$")
@@ -190,6 +197,7 @@ def plan_rollback(
         raise RollbackRefused(f"{run}: no such run folder")
     if not weights.is_dir():
         raise RollbackRefused(f"{run}: no weights folder ({weights}); is this an Ultralytics run folder?")
+    require_replaceable(run)
     if lr_scale is not None and not (math.isfinite(lr_scale) and lr_scale > 0):
         raise RollbackRefused(f"--lr-scale {lr_scale}: must be a finite number above 0")
     taints = journal_taints(run)
@@ -389,7 +397,7 @@ def apply_rollback(plan: RollbackPlan, *, held: HeldLock | None = None) -> Rollb
             csv_path = run / RESULTS_CSV
             dropped = 0
             if csv_path.is_file():
-                text, _, dropped = trim_results(csv_path.read_bytes().decode("utf-8"), plan.target_epoch)
+                text, _, dropped = trim_results(read_results_text(csv_path), plan.target_epoch)
                 atomic_write_bytes(csv_path, text.encode("utf-8"))
                 written[RESULTS_CSV] = sha256_file(csv_path)
             import torch

@@ -20,9 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from nanguard.atomic import atomic_write_bytes
+from nanguard.paths import BadPath, read_json_file
 from nanguard.runs.lock import HeldLock, acquire
 
 STATUS_FILE = "supervisor.json"
+MAX_STATUS_BYTES = 1 << 20
+"""Largest supervisor.json read (1 MiB): the supervisor writes a few KB (pids, times, the command, the last
+progress line); a larger file is not one it wrote, and is reported unreadable instead of read."""
 PID_FILE = "supervisor.pid"
 LOG_FILE = "supervisor/train.log"
 """The tee'd output of every attempt, relative to ``<run>/.nanguard``."""
@@ -123,7 +127,10 @@ def load_status(run_dir: str | Path) -> dict[str, Any]:
         OSError: it cannot be read (``FileNotFoundError`` when there is none).
         ValueError: it is not JSON (``UnicodeDecodeError`` included) or not a JSON object.
     """
-    data = json.loads(status_path(run_dir).read_text(encoding="utf-8"))
+    try:
+        data = read_json_file(status_path(run_dir), MAX_STATUS_BYTES, "supervisor status file")
+    except BadPath as err:  # too large, a FIFO (would block), a folder: as unreadable as a missing file
+        raise OSError(str(err)) from None
     if not isinstance(data, dict):
         raise ValueError(f"not a JSON object (a {type(data).__name__})")
     return data
