@@ -81,6 +81,20 @@ def test_bad_arguments_are_one_line_errors(
     assert not any(tmp_path.iterdir())
 
 
+def test_what_ultralytics_itself_refuses_is_a_one_line_error(yolo_offline: Path, tmp_path: Path) -> None:
+    """A missing dataset, and a clean checkpoint that is no Ultralytics model: Ultralytics raises (a RuntimeError,
+    a TypeError); nanguard says so in one line with exit 2, no traceback (``--debug`` shows it)."""
+    plain = tmp_path / "plain.pt"
+    torch.save({"weight": torch.ones(2)}, plain)
+    cases = (
+        ([f"data={tmp_path / 'missing.yaml'}", "model=yolo11n.yaml"], ["during setup", "missing.yaml"]),
+        ([f"data={tmp_path / 'missing.yaml'}", f"model={plain}"], ["during setup", "TypeError", "plain.pt"]),
+    )
+    for args, fragments in cases:
+        result = runner.invoke(app, ["yolo", "detect", "train", *args, "epochs=1", f"project={tmp_path}"])
+        assert_one_line_error(result, ExitCode.BAD_INPUT, "Ultralytics failed", *fragments, stdout_empty=False)
+
+
 def test_bad_policy_file_is_a_one_line_error(yolo_offline: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("no_such_key = 1\n")

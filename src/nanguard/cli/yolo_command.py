@@ -38,6 +38,18 @@ class YoloArgumentError(NanguardError):
     """``nanguard yolo`` was given arguments Ultralytics' ``yolo`` would reject, or a mode it does not guard."""
 
 
+class UltralyticsFailed(NanguardError):
+    """Ultralytics raised while building the model or training (a missing dataset, a checkpoint that is no
+    Ultralytics model, a crash mid-training): its message in one line, exit code ``BAD_INPUT``; ``--debug``
+    shows the traceback. Ultralytics has already printed its own log above it."""
+
+
+def ultralytics_failure(err: Exception, during: str) -> UltralyticsFailed:
+    """The one-line error for an exception Ultralytics raised ``during`` a phase ("setup", "training")."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return UltralyticsFailed(f"Ultralytics failed during {during}: {type(err).__name__}: {text[:400]}")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
              options_metavar="[--policy FILE] [TASK] MODE key=value ...", no_args_is_help=True)
 def yolo(
@@ -65,7 +77,7 @@ def yolo(
 
     Every checkpoint Ultralytics would unpickle (model=, pretrained=, distill_model=, resume= a path or the last.pt a bare resume finds) is audited first, like inspect --load: one that calls code, or names classes outside the load allowlist (without --trust), is refused before anything loads.
 
-    Exit status: 0 training finished; 2 an unknown key, a bad value, a mode other than train, a bad policy file, an unreadable or remote checkpoint; 3 an unsafe checkpoint, or one with classes outside the allowlist without --trust; 4 the guard stopped training (its report is printed).
+    Exit status: 0 training finished; 2 an unknown key, a bad value, a mode other than train, a bad policy file, an unreadable or remote checkpoint, or Ultralytics itself failed (a missing dataset, a crash; its message in one line); 3 an unsafe checkpoint, or one with classes outside the allowlist without --trust; 4 the guard stopped training (its report is printed).
     """  # noqa: E501
     from nanguard.errors import TrainingStopped
     from nanguard.integrations.ultralytics import ULTRALYTICS_CLIP_NORM, guard
@@ -74,13 +86,22 @@ def yolo(
     resolved = Policy.from_file(policy) if policy is not None else Policy.discover(Path.cwd())
     if resolved.max_grad_norm is None:
         resolved = dataclasses.replace(resolved, max_grad_norm=ULTRALYTICS_CLIP_NORM)
-    model, overrides = _yolo_model(list(ctx.args), trust=trust)
+    try:
+        model, overrides = _yolo_model(list(ctx.args), trust=trust)
+    except NanguardError:
+        raise
+    except Exception as err:  # Ultralytics' own refusal (a checkpoint that is no YOLO model...): one line
+        raise ultralytics_failure(err, "setup") from err
     guarded = guard(model, policy=resolved)
     try:
         model.train(**overrides)
     except TrainingStopped as err:
         _emit(_yolo_summary(guarded, stopped=err), as_json=False, render=_render_yolo)
         raise
+    except NanguardError:
+        raise
+    except Exception as err:  # a missing dataset, a crash mid-training: the journal keeps what happened
+        raise ultralytics_failure(err, "training" if guarded.results else "setup") from err
     _emit(_yolo_summary(guarded, stopped=None), as_json=False, render=_render_yolo)
 
 
