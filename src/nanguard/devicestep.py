@@ -161,7 +161,7 @@ class DeviceStep:
         guard, policy = self.guard, self.guard.policy
         if not self.positions:
             return []
-        from nanguard.guard import _Seen
+        from nanguard.guard import Seen
 
         rows = self.ring[: len(self.positions)].tolist()
         positions, self.positions = self.positions, []
@@ -172,7 +172,7 @@ class DeviceStep:
             row = dict(zip(_COLUMNS, values, strict=True))
             findings = self._row_findings(row)
             # The LR of a step already gone by is not known here (a scheduler may have moved it): left out.
-            guard.note_metrics(_Seen(step, epoch, batch_index, row["loss"], row["grad_norm"]), applied=bool(row["ok"]),
+            guard.note_metrics(Seen(step, epoch, batch_index, row["loss"], row["grad_norm"]), applied=bool(row["ok"]),
                                clip_threshold=policy.max_grad_norm, lr=None)
             if findings:
                 decision = decide(policy, findings, guard.escalation, step=step)
@@ -180,7 +180,7 @@ class DeviceStep:
                 if decision.action in (Action.ROLLBACK, Action.STOP):
                     pending = pending or decision
                     done = Decision(Action.SKIP, decision.reason)  # what the device already did
-                seen = _Seen(step, epoch, batch_index, row["loss"], row["grad_norm"], sample_ids)
+                seen = Seen(step, epoch, batch_index, row["loss"], row["grad_norm"], sample_ids)
                 guard._record(seen, done, findings, applied=bool(row["ok"]))
             if pending is None or findings:
                 guard._follow_probation(step, had_incident=bool(findings))

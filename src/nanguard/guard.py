@@ -78,7 +78,7 @@ class StepResult:
 
 
 @dataclass(frozen=True)
-class _Seen:
+class Seen:
     """Where one step was and what it measured: what the journal records with each of its incidents."""
 
     step: int
@@ -284,7 +284,7 @@ class Guard:
                 self.loss_stats.observe(loss_v, cap=loss_thr)
             if grads_ok:
                 self.grad_stats.observe(norm_v, cap=grad_thr)
-        seen = _Seen(step, self.epoch, self.batch_index, loss_v, norm_v, sample_ids)
+        seen = Seen(step, self.epoch, self.batch_index, loss_v, norm_v, sample_ids)
         self.note_metrics(seen, clip_threshold=decision.clip_to, lr=self._applied_lr(step), applied=applied)
         late = self._conclude(seen, decision, findings, applied=applied)
         if late:  # the periodic check at the end of this step found contaminated state and rolled back
@@ -292,7 +292,7 @@ class Guard:
         return StepResult(step, decision.action, applied, loss_v, norm_v, tuple(findings))
 
     def _conclude(
-        self, seen: _Seen, decision: Decision, findings: list[Finding], *, applied: bool, periodic_check: bool = True
+        self, seen: Seen, decision: Decision, findings: list[Finding], *, applied: bool, periodic_check: bool = True
     ) -> list[Finding]:
         """Record the step, carry out a rollback or stop, follow probation, and at the end of every
         ``check_every_steps`` steps scan the state: clean → snapshot, contaminated → roll back. Returns the
@@ -324,7 +324,7 @@ class Guard:
             self.escalation.note_clean_check()
             return []
         decision = decide(self.policy, dirty, self.escalation, step=step)
-        self._record(_Seen(step, self.epoch, self.batch_index), decision, dirty, applied=False)
+        self._record(Seen(step, self.epoch, self.batch_index), decision, dirty, applied=False)
         self._roll_back_or_stop(step, decision)
         return dirty
 
@@ -429,7 +429,7 @@ class Guard:
             torch._foreach_copy_(self._buffers, self._buffer_backup)
 
     # ------------------------------------------------------------------ recording
-    def _record(self, seen: _Seen, decision: Decision, findings: list[Finding], *, applied: bool) -> None:
+    def _record(self, seen: Seen, decision: Decision, findings: list[Finding], *, applied: bool) -> None:
         step, epoch, batch_index = seen.step, seen.epoch, seen.batch_index
         for finding in _one_symptom(findings):
             action = decision.action.value
@@ -459,7 +459,7 @@ class Guard:
                         "recovery_steps": self.policy.lr_recovery_steps},
             )
 
-    def note_metrics(self, seen: _Seen, *, clip_threshold: float | None, lr: float | None, applied: bool) -> None:
+    def note_metrics(self, seen: Seen, *, clip_threshold: float | None, lr: float | None, applied: bool) -> None:
         """Buffer what one step measured; the buffer goes to the journal's ``metrics`` table in batches."""
         self._metrics.append(MetricRecord(
             step=seen.step, epoch=seen.epoch, batch_index=seen.batch_index, loss=seen.loss, grad_norm=seen.grad_norm,

@@ -28,21 +28,13 @@ class BadPath(NanguardError):
     file where a folder is expected) or cannot be looked at; the message names the path and the problem."""
 
 
+_KINDS = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
 def describe_kind(mode: int) -> str:
     """What a ``st_mode`` names, in the words error messages use ("a FIFO (named pipe)", "a folder", ...)."""
-    if stat.S_ISREG(mode):
-        return "a regular file"
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
+    return next((words for is_kind, words in _KINDS if is_kind(mode)), "not a regular file")
 
 
 def _stat(path: str | os.PathLike[str]) -> os.stat_result:

@@ -1,7 +1,7 @@
 """The ``nanguard`` command: the Typer app, its root options, the shared options and the one error handler.
 
 This package computes nothing itself. Each command is a few lines in its own module: call one library
-function, hand the result to :func:`~nanguard.cli.output._emit`, the one place output reaches stdout (JSON
+function, hand the result to :func:`~nanguard.cli.output.emit`, the one place output reaches stdout (JSON
 when ``--json`` is given, Rich renderables otherwise). Every :class:`~nanguard.errors.NanguardError`, and every
 ``OSError`` that names a file, becomes one line on stderr and the error's :class:`~nanguard.errors.ExitCode` in
 :meth:`_RootGroup.invoke`, the one error handler; ``--debug`` adds the traceback.
@@ -16,13 +16,13 @@ aliases (``RunDir``, ``JsonFlag``) and :func:`main`. The commands live in:
 - ``yolo_command.py``: ``yolo``;
 - ``report_commands.py``: ``status``, ``report``, ``plan``;
 - ``supervise_command.py``: ``run`` (a training command supervised from outside);
-- ``output.py``: printing (:func:`~nanguard.cli.output._emit`) and the table cells commands share.
+- ``output.py``: printing (:func:`~nanguard.cli.output.emit`) and the table cells commands share.
 
 ``nanguard --help`` and the journal commands never import torch: the package imports only the journal and
 errors modules at load time, and a command that needs torch (audit, rollback, ...) imports it inside its body.
 
 Adding a command: put it in a module that takes ``app`` from here, reuse the shared aliases, call the
-library, pass the result with a ``_render_*`` function to ``_emit``, and import the module at the bottom of
+library, pass the result with a ``_render_*`` function to ``emit``, and import the module at the bottom of
 this file (the order of those imports is the order of ``--help``).
 """
 

@@ -20,7 +20,7 @@ from rich.console import RenderableType
 from rich.text import Text
 
 from nanguard.cli import JsonFlag, app
-from nanguard.cli.output import _STATUS_STYLES, _abbreviate, _emit
+from nanguard.cli.output import STATUS_STYLES, abbreviate, emit
 from nanguard.cli.params import checkpoint_arg, folder_arg
 from nanguard.errors import ExitCode, UnreadableCheckpoint
 from nanguard.journal import CheckpointRecord, Journal, file_digest
@@ -77,7 +77,7 @@ def audit(paths: CheckpointPaths, as_json: JsonFlag = False, record: RecordDir =
                 row.update(sha256=stored["sha256"], tainted=stored["tainted"], taint_reason=stored["taint_reason"])
         finally:
             journal.close()
-    _emit(rows, as_json=as_json, render=_render_verdicts)
+    emit(rows, as_json=as_json, render=_render_verdicts)
     raise typer.Exit(int(_audit_exit_code([row["status"] for row in rows])))
 
 
@@ -114,7 +114,7 @@ def inspect(
             data["loaded"] = {"type": type(loaded).__name__, "trusted": trust}
         except UnsafeCheckpoint as err:
             data["loaded"] = {"refused": str(err).removeprefix(f"{path}: ")}
-    _emit(data, as_json=as_json, render=_render_inspection)
+    emit(data, as_json=as_json, render=_render_inspection)
     statuses = [data["verdict"]["status"], *(["unsafe"] if "refused" in data.get("loaded", {}) else [])]
     raise typer.Exit(int(_audit_exit_code(statuses)))
 
@@ -180,7 +180,7 @@ def _inspection_dict(inspection: Inspection) -> dict[str, Any]:
 
 def _verdict_line(row: dict[str, Any]) -> Text:
     status = row["status"]
-    line = Text(f"{status:<10}", style=_STATUS_STYLES.get(status, ""))
+    line = Text(f"{status:<10}", style=STATUS_STYLES.get(status, ""))
     line.append(f" {row['path']}")
     if row.get("tainted"):
         line.append("  tainted", style="bold red")
@@ -191,15 +191,15 @@ def _verdict_line(row: dict[str, Any]) -> Text:
         line.append(f"  epoch {row['epoch']}")
     if status == "dirty":
         findings = [f"{f['location']}: {f['kind']} x{f['count']}" for f in row["findings"]]
-        line.append("  " + _abbreviate(findings))
+        line.append("  " + abbreviate(findings))
     elif status == "unsafe":
-        line.append("  calls code: " + _abbreviate(row["unsafe_globals"]) + f"  (content {row['content']})")
+        line.append("  calls code: " + abbreviate(row["unsafe_globals"]) + f"  (content {row['content']})")
     elif status == "unreadable":
         error = " ".join(str(row["error"]).splitlines())
         line.append(f"  {error.removeprefix(row['path'] + ': ')}")
     unlisted = [g for g in row.get("unlisted_globals", []) if g not in row["unsafe_globals"]]
     if unlisted:  # not a verdict: a note that loading with real classes would import them
-        line.append("  classes outside the load allowlist: " + _abbreviate(unlisted) + "; loading needs --trust")
+        line.append("  classes outside the load allowlist: " + abbreviate(unlisted) + "; loading needs --trust")
     return line
 
 

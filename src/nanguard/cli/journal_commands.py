@@ -16,14 +16,14 @@ from rich.table import Table
 from rich.text import Text
 
 from nanguard.cli import JsonFlag, RunDir, app
-from nanguard.cli.output import _counts, _emit, _float_cell, _int_cell, _list_cell
+from nanguard.cli.output import emit, float_cell, format_counts, int_cell, list_cell
 from nanguard.journal import read_incidents
 
 
 @app.command()
 def incidents(run_dir: RunDir, as_json: JsonFlag = False) -> None:
     """List a run's incidents: what went wrong, at which step, in which tensors, and what the guard did."""
-    _emit(read_incidents(run_dir), as_json=as_json, render=_render_incidents)
+    emit(read_incidents(run_dir), as_json=as_json, render=_render_incidents)
 
 
 def _render_incidents(rows: list[dict[str, Any]]) -> Iterable[RenderableType]:
@@ -43,17 +43,17 @@ def _render_incidents(rows: list[dict[str, Any]]) -> Iterable[RenderableType]:
     table.add_column("samples", overflow="fold", min_width=7)
     for row in rows:
         table.add_row(
-            _int_cell(row["id"]),
-            _int_cell(row["step"]),
-            _int_cell(row["epoch"]),
-            _int_cell(row["batch_index"]),
-            _int_cell(row["rank"]),
+            int_cell(row["id"]),
+            int_cell(row["step"]),
+            int_cell(row["epoch"]),
+            int_cell(row["batch_index"]),
+            int_cell(row["rank"]),
             Text(row["kind"]),
             Text(row["action"]),
-            _float_cell(row["loss"]),
-            _float_cell(row["grad_norm"]),
-            _list_cell(row["tensors"]),
-            _list_cell(row["sample_ids"]),
+            float_cell(row["loss"]),
+            float_cell(row["grad_norm"]),
+            list_cell(row["tensors"]),
+            list_cell(row["sample_ids"]),
         )
     yield table
     yield Text(_incident_summary(rows))
@@ -63,4 +63,4 @@ def _incident_summary(rows: list[dict[str, Any]]) -> str:
     kinds = Counter(row["kind"] for row in rows)
     actions = Counter(row["action"] for row in rows)
     noun = "incident" if len(rows) == 1 else "incidents"
-    return f"{len(rows)} {noun}; kinds: {_counts(kinds)}; actions: {_counts(actions)}"
+    return f"{len(rows)} {noun}; kinds: {format_counts(kinds)}; actions: {format_counts(actions)}"

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nanguard.cli import JsonFlag, app
-from nanguard.cli.output import PIPE_WIDTH, _emit, _int_cell
+from nanguard.cli.output import PIPE_WIDTH, emit, int_cell
 from nanguard.errors import ExitCode
 from nanguard.logscan import LogEvent, LogScanner, ScanResult, check_readable, follow, scan_file
 
@@ -57,7 +57,7 @@ def scan_log(
         results = _follow(files, fmt.value, pattern, idle_exit)
     else:
         results = [scan_file(path, fmt.value, pattern) for path in files]
-    _emit([result.to_dict() for result in results], as_json=as_json, render=_render_scans)
+    emit([result.to_dict() for result in results], as_json=as_json, render=_render_scans)
     if any(result.found for result in results):
         raise typer.Exit(int(ExitCode.DIRTY))
 
@@ -151,7 +151,7 @@ def _epoch_table(rows: list[dict[str, Any]], fmt: str) -> Table:
         epoch = row["epoch"]
         printed = str(epoch + 1) if epoch is not None and fmt in ("ultralytics", "results-csv") else "-"
         table.add_row(
-            _int_cell(epoch), Text(printed), _int_cell(row["first_batch"]), _int_cell(row["first_step"]),
+            int_cell(epoch), Text(printed), int_cell(row["first_batch"]), int_cell(row["first_step"]),
             Text(str(row["nonfinite_frames"])), Text(str(row["nonfinite_lines"])),
             Text(str(row["recovery_lines"])), Text(str(row["pattern_lines"])),
             Text(", ".join(row["nonfinite_losses"]) or "-"),

@@ -1,6 +1,6 @@
-"""output.py owns how the CLI prints: :func:`_emit`, JSON encoding, and the table cells several commands share.
+"""output.py owns how the CLI prints: :func:`emit`, JSON encoding, and the table cells several commands share.
 
-:func:`_emit` is the one place a command's result reaches stdout: JSON when ``--json`` is given, else the Rich
+:func:`emit` is the one place a command's result reaches stdout: JSON when ``--json`` is given, else the Rich
 renderables a command's ``_render_*`` function yields. The cell and list helpers here keep tables and lines
 alike across commands (the same "-" for a missing value, the same abbreviation of long lists).
 
@@ -26,10 +26,10 @@ PIPE_WIDTH = 1000
 LIST_CELL_ITEMS = 3
 """How many tensor names or sample ids a table cell shows before it abbreviates (``--json`` has all)."""
 
-_STATUS_STYLES = {"clean": "green", "dirty": "bold red", "unsafe": "bold magenta", "unreadable": "bold yellow"}
+STATUS_STYLES = {"clean": "green", "dirty": "bold red", "unsafe": "bold magenta", "unreadable": "bold yellow"}
 
 
-def _emit(data: Any, *, as_json: bool, render: Callable[[Any], Iterable[RenderableType]]) -> None:
+def emit(data: Any, *, as_json: bool, render: Callable[[Any], Iterable[RenderableType]]) -> None:
     """Print a command's result: ``data`` as JSON when ``as_json``, else what ``render(data)`` yields."""
     if as_json:
         # allow_nan=False: a NaN that slipped past _json_safe fails here instead of writing invalid JSON.
@@ -56,7 +56,7 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _counts(counter: Counter[str]) -> str:
+def format_counts(counter: Counter[str]) -> str:
     return ", ".join(f"{name} {count}" for name, count in counter.most_common())
 
 
@@ -64,18 +64,18 @@ def _missing() -> Text:
     return Text("-", style="dim")
 
 
-def _int_cell(value: int | None) -> Text:
+def int_cell(value: int | None) -> Text:
     return _missing() if value is None else Text(str(value))
 
 
-def _float_cell(value: float | None) -> Text:
+def float_cell(value: float | None) -> Text:
     if value is None:
         return _missing()
     # Format spec "g" writes non-finite values as "nan", "inf", "-inf", the same words --json uses.
     return Text(f"{value:.6g}", style="" if math.isfinite(value) else "bold red")
 
 
-def _list_cell(items: Sequence[Any] | None) -> Text:
+def list_cell(items: Sequence[Any] | None) -> Text:
     if not items:
         return _missing()
     shown = ", ".join(str(item) for item in items[:LIST_CELL_ITEMS])
@@ -83,7 +83,7 @@ def _list_cell(items: Sequence[Any] | None) -> Text:
     return Text(f"{shown}, … +{hidden} more" if hidden > 0 else shown)
 
 
-def _abbreviate(items: Sequence[str]) -> str:
+def abbreviate(items: Sequence[str]) -> str:
     hidden = len(items) - LIST_CELL_ITEMS
     shown = "; ".join(items[:LIST_CELL_ITEMS])
     return f"{shown}; … +{hidden} more" if hidden > 0 else shown

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console, Group
 
 from nanguard.cli import JsonFlag, RunDir, app
-from nanguard.cli.output import PIPE_WIDTH, _emit
+from nanguard.cli.output import PIPE_WIDTH, emit
 from nanguard.cli.params import folder_arg, output_file_arg
 from nanguard.runs.base import MAX_EPOCHS
 
@@ -51,9 +51,9 @@ def status(
     if not watch or as_json:
         info = gather_run(run_dir, epochs=epochs)
         if as_json:
-            _emit(status_dict(info), as_json=True, render=status_renderables)
+            emit(status_dict(info), as_json=True, render=status_renderables)
         else:
-            _emit(info, as_json=False, render=status_renderables)
+            emit(info, as_json=False, render=status_renderables)
         return
     from rich.live import Live
 
@@ -113,4 +113,4 @@ def plan(run_dir: RunDir, epochs: EpochsOption = None, as_json: JsonFlag = False
     from nanguard.report.runinfo import gather_run
 
     result = make_plan(gather_run(run_dir, epochs=epochs, probe_processes=False))
-    _emit(result.to_dict() if as_json else result, as_json=as_json, render=plan_renderables)
+    emit(result.to_dict() if as_json else result, as_json=as_json, render=plan_renderables)

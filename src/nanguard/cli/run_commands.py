@@ -16,7 +16,7 @@ from rich.console import RenderableType
 from rich.text import Text
 
 from nanguard.cli import JsonFlag, app
-from nanguard.cli.output import _STATUS_STYLES, _emit
+from nanguard.cli.output import STATUS_STYLES, emit
 from nanguard.cli.params import folder_arg
 
 if TYPE_CHECKING:
@@ -71,13 +71,13 @@ def rollback(
         check_apply(run_dir)
         recovered = None if pending is None else (f"{run_dir}: a killed {pending['action'].removeprefix('disk_')} "
                                                   "is pending; the real command finishes it first, then plans again")
-        _emit({**plan.to_dict(), "dry_run": True, "recovered": recovered}, as_json=as_json,
+        emit({**plan.to_dict(), "dry_run": True, "recovered": recovered}, as_json=as_json,
               render=lambda data: _render_rollback(data, plan))
         return
     recovered = recover(run_dir)  # what a killed rollback or undo left; None (and nothing created) otherwise
     plan = plan_rollback(run_dir, to=to, lr_scale=lr_scale, force=force, trust=trust)
     result = apply_rollback(plan)
-    _emit({**result.to_dict(), "dry_run": False, "recovered": recovered}, as_json=as_json,
+    emit({**result.to_dict(), "dry_run": False, "recovered": recovered}, as_json=as_json,
           render=lambda data: _render_rollback(data, plan))
 
 
@@ -91,7 +91,7 @@ def undo(run_dir: YoloRunDir, as_json: JsonFlag = False) -> None:
     """  # noqa: E501
     from nanguard.runs import undo_last
 
-    _emit(undo_last(run_dir).to_dict(), as_json=as_json, render=_render_undo)
+    emit(undo_last(run_dir).to_dict(), as_json=as_json, render=_render_undo)
 
 
 def _render_rollback(data: dict[str, Any], plan: RollbackPlan) -> Iterable[RenderableType]:
@@ -131,7 +131,7 @@ def _render_rollback(data: dict[str, Any], plan: RollbackPlan) -> Iterable[Rende
     yield Text("checkpoints:")
     for candidate in plan.candidates:
         status = candidate.status
-        line = Text(f"  {status:<10}", style=_STATUS_STYLES.get(status, ""))
+        line = Text(f"  {status:<10}", style=STATUS_STYLES.get(status, ""))
         line.append(f" {candidate.path.name:<12} epoch {'-' if candidate.epoch is None else candidate.epoch:<3} ")
         line.append("usable" if candidate.usable else (candidate.problem or candidate.concern or ""))
         yield line

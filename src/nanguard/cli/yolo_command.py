@@ -21,7 +21,7 @@ from rich.console import RenderableType
 from rich.text import Text
 
 from nanguard.cli import app
-from nanguard.cli.output import _counts, _emit
+from nanguard.cli.output import emit, format_counts
 from nanguard.cli.params import file_arg
 from nanguard.errors import NanguardError
 
@@ -96,13 +96,13 @@ def yolo(
     try:
         model.train(**overrides)
     except TrainingStopped as err:
-        _emit(_yolo_summary(guarded, stopped=err), as_json=False, render=_render_yolo)
+        emit(_yolo_summary(guarded, stopped=err), as_json=False, render=_render_yolo)
         raise
     except NanguardError:
         raise
     except Exception as err:  # a missing dataset, a crash mid-training: the journal keeps what happened
         raise ultralytics_failure(err, "training" if guarded.results else "setup") from err
-    _emit(_yolo_summary(guarded, stopped=None), as_json=False, render=_render_yolo)
+    emit(_yolo_summary(guarded, stopped=None), as_json=False, render=_render_yolo)
 
 
 def _yolo_model(args: list[str], *, trust: bool = False) -> tuple[Any, dict[str, Any]]:
@@ -254,9 +254,9 @@ def _render_yolo(data: dict[str, Any]) -> Iterable[RenderableType]:
     if data["save_dir"] is None:
         yield Text("  the guard was not attached: training stopped before its optimizer existed")
         return
-    steps = f"{data['steps']}" + (" (" + _counts(Counter(data["actions"])) + ")" if data["actions"] else "")
+    steps = f"{data['steps']}" + (" (" + format_counts(Counter(data["actions"])) + ")" if data["actions"] else "")
     audited = sum(data["checkpoints"].values())
-    checkpoints = f"{audited} audited" + ("; " + _counts(Counter(data["checkpoints"])) if audited else "")
+    checkpoints = f"{audited} audited" + ("; " + format_counts(Counter(data["checkpoints"])) if audited else "")
     fields = {"run": data["save_dir"], "steps": steps, "incidents": str(data["incidents"]),
               "checkpoints": checkpoints, "journal": data["journal"]}
     for name, value in fields.items():

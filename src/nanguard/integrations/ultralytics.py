@@ -269,6 +269,7 @@ class UltralyticsGuard:
         self.results, self.verdicts = [], []
         self._batch_index, self._pending_files, self._audited, self._finished = -1, [], {}, False
         self._tloss_before: Any = None
+        self._tloss_checked = False  # this batch's tloss already repaired (at the optimizer step)
         self._restart_mean = False
         self._verdicts_by_digest: dict[str, Verdict] = {}
         self._pins: dict[str, str] = {}  # role -> sha256 of the pinned copy
@@ -291,6 +292,7 @@ class UltralyticsGuard:
             if self._restart_mean:  # the epoch's first batch was non-finite: the mean starts at this batch
                 trainer.tloss, self._restart_mean = None, False
             self._tloss_before = trainer.tloss  # this batch's forward is next; Ultralytics then updates tloss
+            self._tloss_checked = False
             return original_preprocess(batch)
 
         trainer.preprocess_batch = preprocess_batch
@@ -317,11 +319,12 @@ class UltralyticsGuard:
         the device: no host sync). When the batch was the epoch's first (no previous mean), the non-finite
         elements read 0 for the progress line and the mean restarts at the next batch. Called after the
         optimizer step (before Ultralytics prints the progress line) and at ``on_train_batch_end`` (batches
-        that only accumulate); idempotent."""
+        that only accumulate); once per batch."""
         trainer = self.trainer
         new, before = getattr(trainer, "tloss", None), self._tloss_before
-        if new is None:
+        if new is None or self._tloss_checked:
             return
+        self._tloss_checked = True
         if before is None:
             values = list(new.values()) if isinstance(new, dict) else [new]
             if all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values):

@@ -11,12 +11,12 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 """Bumped only for changes an older nanguard cannot read. New tables (``checkpoints``, ``snapshots``, ``metrics``) and
-new columns (``incidents.rolled_back``) are additive: created on open (see :data:`_ADDED_COLUMNS`), ignored
+new columns (``incidents.rolled_back``) are additive: created on open (see :data:`ADDED_COLUMNS`), ignored
 by older readers, so the version stays 1."""
 JOURNAL_DIR = ".nanguard"
 JOURNAL_FILE = "journal.db"
 
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
     started_at REAL NOT NULL,
@@ -109,7 +109,7 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE INDEX IF NOT EXISTS metrics_by_step ON metrics(run_id, step);
 """
 
-_ADDED_COLUMNS = (("incidents", "rolled_back", "INTEGER NOT NULL DEFAULT 0"),)
+ADDED_COLUMNS = (("incidents", "rolled_back", "INTEGER NOT NULL DEFAULT 0"),)
 """Columns added after their table first shipped: ``(table, column, declaration)``. A journal created
 before them gets them on open (``ALTER TABLE ... ADD COLUMN``); readers of an old journal fill the default."""
 

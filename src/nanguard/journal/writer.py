@@ -14,9 +14,9 @@ from typing import Any
 
 from nanguard.errors import JournalError
 from nanguard.journal.base import (
-    _ADDED_COLUMNS,
-    _SCHEMA,
+    ADDED_COLUMNS,
     NONFINITE_KIND_PREFIX,
+    SCHEMA,
     SCHEMA_VERSION,
     CheckpointRecord,
     IncidentRecord,
@@ -54,7 +54,7 @@ class Journal:
                 raise JournalError(f"{self.path}: journal schema version {version} is newer than this nanguard")
             # Tables and version in one transaction: a process killed while it first creates the journal leaves
             # either no schema or all of it, never some tables without the version the readers check.
-            self._db.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;")
+            self._db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;")
             self._add_missing_columns()
         except (OSError, sqlite3.Error, JournalError) as err:
             if db is not None:
@@ -68,7 +68,7 @@ class Journal:
         # journal do not both add a column (the second would fail on a duplicate name). ADD COLUMN with a
         # constant default rewrites nothing in SQLite: old rows read the default.
         def add() -> None:
-            for table, column, declaration in _ADDED_COLUMNS:
+            for table, column, declaration in ADDED_COLUMNS:
                 names = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
                 if column not in names:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
