@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import nanguard
+from nanguard.guard import StepNotKnown
 from tests.training import Setup, assert_same_state, make_setup, set_nan, state_of, train
 
 
@@ -73,18 +74,21 @@ def test_sync_free_mode_decides_and_trains_like_the_eager_mode(tmp_path: Path) -
     assert runs["sync_free"][1].state_dict() == runs["eager"][1].state_dict()
 
 
-def test_sync_free_results_are_read_lazily_at_the_flush(tmp_path: Path) -> None:
+def test_sync_free_results_are_not_known_until_the_flush_and_a_skip_is_flushed_at_once(tmp_path: Path) -> None:
     setup = make_setup(steps=12)
     guard = guarded(setup, tmp_path, sync_free=True)
     train(setup, guard, poison_input=[7])
-    assert setup.results[7].applied is None  # the answer is still on the device
-    # Steps 0..4 ran before the first flush, 5..9 were flushed at step 9; 10..11 wait for a flush.
+    result = setup.results[7]
+    assert not result.known  # the answer is still on the device
+    with pytest.raises(StepNotKnown, match="known at the next flush"):
+        _ = result.applied  # never a None that `if not result.applied` would read as skipped
+    # A step whose device flag says it was skipped is flushed at once (on the CPU the flag is read directly; on CUDA
+    # one step later, without blocking): the skip is answered now, not after every step up to the periodic flush.
     assert [r["step"] for r in nanguard.read_incidents(tmp_path)] == [7]
-    assert guard.flush() == []
+    assert guard.flush() == []  # steps 10 and 11 were waiting for a flush and had nothing
     train(setup, guard, poison_input=[11])  # a second pass: steps 12..23, NaN at step 23, after the last flush
-    assert [r["step"] for r in nanguard.read_incidents(tmp_path)] == [7]
-    assert [r.step for r in guard.flush()] == [23]
     assert [(r["step"], r["action"]) for r in nanguard.read_incidents(tmp_path)] == [(7, "skip"), (23, "skip")]
+    assert guard.flush() == []
 
 
 def test_sync_free_mode_restores_contaminated_state_at_the_flush(tmp_path: Path) -> None:
@@ -93,17 +97,19 @@ def test_sync_free_mode_restores_contaminated_state_at_the_flush(tmp_path: Path)
     pre: dict[int, dict[str, torch.Tensor]] = {}
     train(setup, guard, before_forward={12: lambda i, s: set_nan(s.model[3].weight, (0, 0))}, pre=pre)
     rows = [(r["kind"], r["step"], r["action"]) for r in nanguard.read_incidents(tmp_path)]
-    assert rows == [("nonfinite_loss", 12, "skip"), ("nonfinite_loss", 13, "skip"), ("nonfinite_loss", 14, "skip"),
-                    ("nonfinite_model", 14, "rollback")]
-    # The flush after step 14 found the weight and went back to the snapshot taken at the flush after
-    # step 9, before the first symptom. Flushes fall at the end of every check_every_steps steps.
-    assert_same_state(pre[15], pre[10])
+    # Step 12's flag says skipped, so the ring is flushed at once; the flush saw a non-finite value and scanned the
+    # state: the weight is named and rolled back at step 12, not skipped step after step until the periodic flush.
+    assert rows == [("nonfinite_loss", 12, "skip"), ("nonfinite_model", 12, "rollback")]
+    incident = next(r for r in nanguard.read_incidents(tmp_path) if r["kind"] == "nonfinite_model")
+    assert incident["tensors"] == ["3.weight"]
+    # Back to the snapshot taken at the flush after step 9, before the first symptom.
+    assert_same_state(pre[13], pre[10])
 
 
 def test_sync_free_mode_refuses_a_grad_scaler_at_construction(tmp_path: Path) -> None:
     setup = make_setup()
     with pytest.raises(ValueError, match="GradScaler"):
-        nanguard.Guard(setup.model, setup.optimizer, run_dir=tmp_path, scaler=torch.amp.GradScaler("cpu"),
+        nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler, run_dir=tmp_path, scaler=torch.amp.GradScaler("cpu"),
                        policy=nanguard.Policy(sync_free=True))
 
 
@@ -135,7 +141,7 @@ def test_a_gradient_spike_after_a_nan_step_is_still_clipped(tmp_path: Path) -> N
 
 def test_clip_bounds_the_applied_gradient_norm(tmp_path: Path) -> None:
     setup = make_setup(optimizer="sgd", scheduler=False)
-    guard = nanguard.Guard(setup.model, setup.optimizer, run_dir=tmp_path,
+    guard = nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler, run_dir=tmp_path,
                            policy=nanguard.Policy(max_grad_norm=0.05))
     before = [p.detach().clone() for p in setup.model.parameters()]
     train(setup, guard, skip_batches=range(1, 30))
@@ -175,7 +181,7 @@ def test_lr_is_backed_off_after_a_rollback_and_recovers(tmp_path: Path) -> None:
 def test_grad_scaler_overflow_is_left_to_the_scaler_and_recorded(tmp_path: Path) -> None:
     setup = make_setup(scheduler=False)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    guard = nanguard.Guard(setup.model, setup.optimizer, run_dir=tmp_path, scaler=scaler,
+    guard = nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler, run_dir=tmp_path, scaler=scaler,
                            policy=nanguard.Policy(check_every_steps=5))
     pre: dict[int, dict[str, torch.Tensor]] = {}
     weight = setup.model[0].weight
@@ -195,7 +201,7 @@ def test_grad_scaler_overflow_is_left_to_the_scaler_and_recorded(tmp_path: Path)
 def test_a_skip_under_grad_scaler_leaves_the_scaler_exactly_as_it_was(tmp_path: Path) -> None:
     setup = make_setup(scheduler=False)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
-    guard = nanguard.Guard(setup.model, setup.optimizer, run_dir=tmp_path, scaler=scaler,
+    guard = nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler, run_dir=tmp_path, scaler=scaler,
                            policy=nanguard.Policy(check_every_steps=5))
     before, after = [], []
     for i, (x, y, _) in enumerate(setup.batches[:8]):
@@ -221,7 +227,7 @@ def test_healthy_steps_under_a_grad_scaler_equal_the_plain_scaler_loop(tmp_path:
     for guarded_run in (False, True):
         setup = make_setup(scheduler=False)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=3)
-        guard = (nanguard.Guard(setup.model, setup.optimizer, run_dir=tmp_path / "g", scaler=scaler,
+        guard = (nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler, run_dir=tmp_path / "g", scaler=scaler,
                                 policy=nanguard.Policy(max_grad_norm=1.0)) if guarded_run else None)
         for x, y, _ in setup.batches[:10]:
             loss = nn.functional.cross_entropy(setup.model(x), y)

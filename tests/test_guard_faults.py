@@ -152,7 +152,7 @@ def test_nan_in_batchnorm_running_var_is_caught_at_the_next_check(tmp_path: Path
 def test_nan_in_ema_is_named_and_rolled_back(tmp_path: Path) -> None:
     setup = make_setup()
     ema = nanguard.EMA(setup.model, decay=0.9)
-    guard = nanguard.Guard(setup.model, setup.optimizer, run_dir=tmp_path, ema=ema,
+    guard = nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler, run_dir=tmp_path, ema=ema,
                            policy=nanguard.Policy(check_every_steps=CHECK_EVERY))
     train(setup, guard, before_forward={11: lambda i, s: set_nan(ema.module[0].bias, (2,))})
     assert rows(tmp_path) == [{"kind": "nonfinite_ema", "step": 14, "epoch": 0, "batch_index": 14,
@@ -163,7 +163,7 @@ def test_nan_in_ema_is_named_and_rolled_back(tmp_path: Path) -> None:
 def test_skipped_step_leaves_ema_untouched(tmp_path: Path) -> None:
     setup = make_setup()
     ema = nanguard.EMA(setup.model, decay=0.9)
-    guard = nanguard.Guard(setup.model, setup.optimizer, run_dir=tmp_path, ema=ema,
+    guard = nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler, run_dir=tmp_path, ema=ema,
                            policy=nanguard.Policy(check_every_steps=CHECK_EVERY))
     seen: dict[int, dict[str, torch.Tensor]] = {}
 

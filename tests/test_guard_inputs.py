@@ -61,7 +61,7 @@ def test_state_that_is_already_nonfinite_is_refused(tmp_path: Path) -> None:
     setup = make_setup()
     set_nan(setup.model[0].weight, (0, 0))
     with pytest.raises(ValueError, match=r"non-finite values before the first step: 0.weight"):
-        nanguard.Guard(setup.model, setup.optimizer, run_dir=tmp_path)
+        nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler, run_dir=tmp_path)
 
 
 def test_policy_path_is_loaded_and_bad_policy_file_refused(tmp_path: Path) -> None:

@@ -45,6 +45,8 @@ class Finding:
     value: float | None = None
     threshold: float | None = None
     tensors: tuple[str, ...] = ()
+    micro_batch: int | None = None
+    """Which micro-batch of a gradient-accumulation step a loss finding came from (0-based); ``None`` otherwise."""
 
 
 def total_norm(tensors: list[Tensor]) -> Tensor:
@@ -115,15 +117,20 @@ def loss_value_check(loss: object) -> Tensor:
     return loss.detach().reshape(())
 
 
+MAD_TO_STD = 1.4826
+"""The median absolute deviation times this estimates a normal series' standard deviation."""
+
+
 class RunningStats:
     """Running mean and variance of a scalar series (loss, gradient norm) that a non-finite value can
     never enter.
 
-    The first ``warmup_steps`` finite values are averaged exactly (Welford); after that an EMA with
-    ``decay`` follows the series. A spike is ``value > mean + z * std``; the value the statistics then
-    take in is capped at that threshold (winsorised), so one huge value cannot drag the mean, while a
-    lasting shift still moves it slowly. ZClip's running mean, by contrast, takes a NaN in and stays
-    NaN forever; here ``observe`` ignores it.
+    The first ``warmup_steps`` finite values are kept; when the last of them arrives, the mean becomes their median
+    and the variance ``(1.4826 * MAD)**2`` — robust estimates, so a spike during warm-up (a bad batch at step 3)
+    cannot inflate the threshold and blind the detector for the rest of the run. After that an EMA with ``decay``
+    follows the series. A spike is ``value > mean + z * std``; the value the statistics then take in is capped at
+    that threshold (winsorised), so one huge value cannot drag the mean, while a lasting shift still moves it
+    slowly. ZClip's running mean, by contrast, takes a NaN in and stays NaN forever; here ``observe`` ignores it.
     """
 
     def __init__(self, *, decay: float, warmup_steps: int) -> None:
@@ -132,6 +139,7 @@ class RunningStats:
         self.count = 0
         self.mean = 0.0
         self.var = 0.0
+        self.warmup_values: list[float] = []
 
     @property
     def warm(self) -> bool:
@@ -154,29 +162,45 @@ class RunningStats:
         if cap is not None:
             value = min(value, cap)
         self.count += 1
-        delta = value - self.mean
         if self.count <= self.warmup_steps:
-            self.mean += delta / self.count
-            self.var += (delta * (value - self.mean) - self.var) / self.count
-        else:
-            alpha = 1.0 - self.decay
-            self.mean += alpha * delta
-            self.var = self.decay * (self.var + alpha * delta * delta)
+            self.warmup_values.append(value)
+            if self.count == self.warmup_steps:
+                self.mean, self.var = robust_mean_var(self.warmup_values)
+                self.warmup_values = []
+            return
+        alpha = 1.0 - self.decay
+        delta = value - self.mean
+        self.mean += alpha * delta
+        self.var = self.decay * (self.var + alpha * delta * delta)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "count": self.count, "mean": self.mean, "var": self.var}
+        return {"version": 2, "count": self.count, "mean": self.mean, "var": self.var,
+                "warmup_values": list(self.warmup_values)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != 1:
+        if state.get("version") not in (1, 2):
             raise ValueError(f"RunningStats.load_state_dict: unknown state version {state.get('version')!r}")
         self.count = int(state["count"])
         self.mean = float(state["mean"])
         self.var = float(state["var"])
+        values = [float(v) for v in state.get("warmup_values", [])]
+        if len(values) != min(self.count, self.warmup_steps) and self.count < self.warmup_steps:
+            raise ValueError(f"RunningStats.load_state_dict: {len(values)} warm-up values for count {self.count}")
+        self.warmup_values = values if self.count < self.warmup_steps else []
+
+
+def robust_mean_var(values: list[float]) -> tuple[float, float]:
+    """The median and ``(1.4826 * MAD)**2`` of ``values`` (``torch.median``'s lower median, as on the device)."""
+    ordered = sorted(values)
+    median = ordered[(len(ordered) - 1) // 2]
+    deviations = sorted(abs(v - median) for v in values)
+    mad = deviations[(len(deviations) - 1) // 2]
+    return median, (MAD_TO_STD * mad) ** 2
 
 
 class DeviceRunningStats:
     """:class:`RunningStats` kept on the device for the sync-free mode: the same update rule, written
-    with tensor ops and masked by an ``ok`` flag, so no step needs to read anything on the host."""
+    with tensor ops and masked by an ``enter`` flag, so no step needs to read anything on the host."""
 
     def __init__(self, *, decay: float, warmup_steps: int, device: torch.device) -> None:
         self.decay = decay
@@ -184,6 +208,8 @@ class DeviceRunningStats:
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.mean = torch.zeros((), dtype=torch.float64, device=device)
         self.var = torch.zeros((), dtype=torch.float64, device=device)
+        self.values = torch.zeros(max(warmup_steps, 1), dtype=torch.float64, device=device)
+        self.slots = torch.arange(max(warmup_steps, 1), dtype=torch.float64, device=device)
 
     def threshold(self, z: float, min_ratio: float = 1.0) -> tuple[Tensor, Tensor]:
         """``(warm, threshold)`` as device tensors; the threshold is meaningful only where ``warm``."""
@@ -198,27 +224,37 @@ class DeviceRunningStats:
             value = torch.minimum(value, cap)
         value = torch.where(enter, value, self.mean)  # keeps NaN out of the arithmetic below
         count = self.count + 1
-        delta = value - self.mean
-        warm_mean = self.mean + delta / count
-        warm_var = self.var + (delta * (value - warm_mean) - self.var) / count
+        warming = count <= self.warmup_steps
+        # Warm-up: keep the value in its slot; the last one sets the robust mean and variance.
+        self.values = torch.where(enter & warming & (self.slots == self.count), value, self.values)
+        median = self.values.median()
+        mad = (self.values - median).abs().median()
+        done = enter & (count == self.warmup_steps)
         alpha = 1.0 - self.decay
+        delta = value - self.mean
         ema_mean = self.mean + alpha * delta
         ema_var = self.decay * (self.var + alpha * delta * delta)
-        warming = count <= self.warmup_steps
-        self.mean = torch.where(enter, torch.where(warming, warm_mean, ema_mean), self.mean)
-        self.var = torch.where(enter, torch.where(warming, warm_var, ema_var), self.var)
+        follow = enter & ~warming
+        self.mean = torch.where(done, median, torch.where(follow, ema_mean, self.mean))
+        self.var = torch.where(done, (MAD_TO_STD * mad) ** 2, torch.where(follow, ema_var, self.var))
         self.count = torch.where(enter, count, self.count)
 
     def state_dict(self) -> dict[str, Any]:
         """The same format as :meth:`RunningStats.state_dict` (reads the device: call at check points)."""
-        return {"version": 1, "count": int(self.count.item()), "mean": self.mean.item(), "var": self.var.item()}
+        count = int(self.count.item())
+        kept = self.values[: min(count, self.warmup_steps)].tolist() if count < self.warmup_steps else []
+        return {"version": 2, "count": count, "mean": self.mean.item(), "var": self.var.item(),
+                "warmup_values": kept}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != 1:
-            raise ValueError(f"DeviceRunningStats.load_state_dict: unknown version {state.get('version')!r}")
-        self.count.fill_(float(state["count"]))
-        self.mean.fill_(float(state["mean"]))
-        self.var.fill_(float(state["var"]))
+        host = RunningStats(decay=self.decay, warmup_steps=self.warmup_steps)
+        host.load_state_dict(state)  # the same checks
+        self.count.fill_(float(host.count))
+        self.mean.fill_(host.mean)
+        self.var.fill_(host.var)
+        self.values.zero_()
+        if host.warmup_values:
+            self.values[: len(host.warmup_values)] = torch.tensor(host.warmup_values, dtype=torch.float64)
 
 
 def clip_grads_(grads: list[Tensor], norm: Tensor, limit: Tensor) -> None:

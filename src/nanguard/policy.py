@@ -1,10 +1,9 @@
 """policy.py owns the rules from what the checks saw to what the guard does.
 
 :class:`Policy` is the user's configuration: a frozen dataclass with defaults a user would expect, loadable
-from ``nanguard.toml`` or ``[tool.nanguard]`` in ``pyproject.toml``. :func:`decide` maps one step's
-findings to a :class:`Decision`; :class:`Escalation` and :class:`LRBackoff` hold the little history the
-decisions need, each with ``state_dict``/``load_state_dict``. Nothing here touches a tensor or an optimizer:
-the guard acts, this module only decides.
+from ``nanguard.toml`` or ``[tool.nanguard]`` in ``pyproject.toml``. The controller's ``decide`` maps one step's
+findings to a :class:`Decision` in :mod:`nanguard.guard.control` (the controller, with the escalation,
+probation and LR back-off history). Nothing here touches a tensor or an optimizer.
 """
 
 from __future__ import annotations
@@ -12,13 +11,11 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from nanguard.checks import STATE_KINDS, Finding, Kind
 from nanguard.errors import PolicyError
 from nanguard.paths import BadPath, read_regular_file
 
@@ -247,173 +244,3 @@ class Decision:
     action: Action
     reason: str = ""
     clip_to: float | None = None
-
-
-@dataclass
-class Escalation:
-    """The history that turns repeated trouble into a stronger answer.
-
-    It counts skips within a window and consecutive loss spikes, remembers the first symptom since the last
-    clean state (a rollback goes back to before it), and follows each rollback's probation: the steps from
-    the rollback point until ``lr_probation_steps`` later *and* past the step whose incident triggered it.
-    A probation that ends without an incident is progress and resets the count; an incident during it
-    raises ``level``, which makes the next rollback go further back, skip more and back the LR off harder.
-    """
-
-    skip_steps: deque[int] = field(default_factory=deque)
-    spike_streak: int = 0
-    first_symptom_step: int | None = None
-    rollbacks_without_progress: int = 0
-    level: int = 0
-    incident_step: int | None = None
-    probation_until: int | None = None
-
-    def note_symptom(self, step: int) -> None:
-        if self.first_symptom_step is None:
-            self.first_symptom_step = step
-
-    def note_skip(self, step: int, window_steps: int) -> int:
-        """Count a skipped step; return how many skips fall in the window ending at ``step``."""
-        self.skip_steps.append(step)
-        while self.skip_steps and self.skip_steps[0] <= step - window_steps:
-            self.skip_steps.popleft()
-        return len(self.skip_steps)
-
-    def note_rollback(self, *, incident_step: int, to_step: int, probation_steps: int) -> None:
-        self.rollbacks_without_progress += 1
-        self.incident_step = incident_step
-        self.probation_until = max(to_step + probation_steps, incident_step + 1)
-        self.skip_steps.clear()
-        self.spike_streak = 0
-        self.first_symptom_step = None
-
-    def note_clean_check(self) -> None:
-        """A scan found the state clean: symptoms before now need not be rolled back past."""
-        if self.probation_until is None:
-            self.first_symptom_step = None
-
-    def after_step(self, step: int, *, had_incident: bool) -> str | None:
-        """Follow the probation after a step; returns ``probation_passed`` or ``probation_failed`` when it
-        ends, else ``None``."""
-        if self.probation_until is None:
-            return None
-        if had_incident:
-            self.probation_until = None
-            self.level += 1
-            return "probation_failed"
-        if step + 1 >= self.probation_until:
-            self.probation_until = None
-            self.rollbacks_without_progress = 0
-            self.level = 0
-            self.first_symptom_step = None
-            return "probation_passed"
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"version": 2, "skip_steps": list(self.skip_steps), "spike_streak": self.spike_streak,
-                "first_symptom_step": self.first_symptom_step, "rollbacks": self.rollbacks_without_progress,
-                "level": self.level, "incident_step": self.incident_step, "probation_until": self.probation_until}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_version(state, "Escalation", 2)
-        self.skip_steps = deque(int(s) for s in state["skip_steps"])
-        self.spike_streak = int(state["spike_streak"])
-        self.first_symptom_step = state["first_symptom_step"]
-        self.rollbacks_without_progress = int(state["rollbacks"])
-        self.level = int(state["level"])
-        self.incident_step = state["incident_step"]
-        self.probation_until = state["probation_until"]
-
-
-def decide(policy: Policy, findings: list[Finding], escalation: Escalation, *, step: int) -> Decision:
-    """Map one step's findings to a decision (and update the escalation history accordingly)."""
-    kinds = {f.kind for f in findings}
-    if findings:
-        escalation.note_symptom(step)
-    escalation.spike_streak = escalation.spike_streak + 1 if Kind.LOSS_SPIKE in kinds else 0
-    if kinds & STATE_KINDS:
-        places = sorted(_STATE_PLACES[k] for k in kinds & STATE_KINDS)
-        return _rollback_or_stop(policy, escalation, "non-finite values in the " + " and ".join(places))
-    if escalation.spike_streak >= policy.persistent_spike_steps:
-        return _rollback_or_stop(policy, escalation, f"a loss spike persisted {escalation.spike_streak} steps")
-    skip_reason = ""
-    if Kind.NONFINITE_LOSS in kinds or Kind.NONFINITE_GRAD in kinds:
-        skip_reason = "non-finite " + _names(kinds & {Kind.NONFINITE_LOSS, Kind.NONFINITE_GRAD})
-    elif Kind.LOSS_SPIKE in kinds and policy.on_loss_spike == "skip":
-        skip_reason = "loss spike"
-    elif Kind.GRAD_SPIKE in kinds and policy.on_grad_spike == "skip":
-        skip_reason = "gradient-norm spike"
-    if skip_reason:
-        if escalation.note_skip(step, policy.skip_window_steps) >= policy.max_skips_in_window:
-            why = f"{policy.max_skips_in_window} skipped steps within {policy.skip_window_steps} steps"
-            return _rollback_or_stop(policy, escalation, why)
-        return Decision(Action.SKIP, skip_reason)
-    limits = [policy.max_grad_norm] if policy.max_grad_norm is not None else []
-    grad_spike = next((f for f in findings if f.kind is Kind.GRAD_SPIKE), None)
-    if grad_spike is not None and grad_spike.threshold is not None and policy.on_grad_spike == "clip":
-        return Decision(Action.CLIP, "adaptive clip after a gradient-norm spike", min([*limits, grad_spike.threshold]))
-    return Decision(Action.CONTINUE, "", limits[0] if limits else None)
-
-
-def _rollback_or_stop(policy: Policy, escalation: Escalation, why: str) -> Decision:
-    if escalation.rollbacks_without_progress >= policy.max_rollbacks:
-        return Decision(Action.STOP, f"{why}; {escalation.rollbacks_without_progress} rollbacks did not get past "
-                                     "the incident")
-    return Decision(Action.ROLLBACK, why)
-
-
-_STATE_PLACES = {Kind.NONFINITE_MODEL: "model", Kind.NONFINITE_EMA: "EMA", Kind.NONFINITE_OPTIMIZER: "optimizer state"}
-
-
-def _names(kinds: set[Kind]) -> str:
-    return ", ".join(sorted(k.value for k in kinds))
-
-
-@dataclass
-class LRBackoff:
-    """A learning-rate multiplier: ``factor`` for a probation window after an incident, then a linear
-    ramp back to 1. The guard multiplies each param group's LR by :meth:`scale` around the optimizer step
-    only, so schedulers and loops that set the LR themselves keep working."""
-
-    start_step: int | None = None
-    factor: float = 1.0
-    probation_steps: int = 0
-    recovery_steps: int = 0
-
-    def start(self, step: int, policy: Policy, *, level: int = 0) -> None:
-        """Start a back-off at ``step``; each escalation ``level`` applies the factor once more."""
-        self.start_step = step
-        self.factor = policy.lr_backoff_factor ** (level + 1)
-        self.probation_steps = policy.lr_probation_steps
-        self.recovery_steps = policy.lr_recovery_steps
-
-    def scale(self, step: int) -> float:
-        if self.start_step is None:
-            return 1.0
-        since = step - self.start_step
-        if since < self.probation_steps:
-            return self.factor
-        ramp = since - self.probation_steps
-        if ramp < self.recovery_steps:
-            return self.factor + (1.0 - self.factor) * (ramp + 1) / (self.recovery_steps + 1)
-        self.start_step = None
-        return 1.0
-
-    def in_probation(self, step: int) -> bool:
-        return self.start_step is not None and step - self.start_step < self.probation_steps
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "start_step": self.start_step, "factor": self.factor,
-                "probation_steps": self.probation_steps, "recovery_steps": self.recovery_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_version(state, "LRBackoff")
-        self.start_step = state["start_step"]
-        self.factor = float(state["factor"])
-        self.probation_steps = int(state["probation_steps"])
-        self.recovery_steps = int(state["recovery_steps"])
-
-
-def _check_version(state: dict[str, Any], owner: str, version: int = 1) -> None:
-    if state.get("version") != version:
-        raise ValueError(f"{owner}.load_state_dict: unknown state version {state.get('version')!r}")

@@ -11,13 +11,14 @@
 What it does, all through ``yolo.add_callback`` and two instance overrides on the trainer:
 
 - at ``on_pretrain_routine_end`` (optimizer, scaler, EMA, scheduler exist) it builds a :class:`nanguard.Guard`
-  on the unwrapped model, the trainer's optimizer, its GradScaler when enabled and its ``ModelEMA``, with the
-  journal in the run's ``save_dir``, and replaces ``trainer.optimizer_step``: the guard unscales, checks the
-  loss and gradients, clips (at 10.0 unless the policy says otherwise, Ultralytics' fixed value), applies or
-  skips the update, updates the EMA only after an applied update, and zeroes the gradients — everything
-  Ultralytics' own ``optimizer_step`` did, with the check before the update. The scheduler stays
-  Ultralytics' (stepped per epoch); the guard's LR back-off scales the optimizer's param-group LRs around
-  each step only, so warmup and the scheduler keep writing their own values;
+  on the unwrapped model, the trainer's optimizer, its GradScaler when enabled and its ``ModelEMA`` (as
+  ``loop_ema``: Ultralytics updates it), with the journal in the run's ``save_dir``, and wraps
+  ``trainer.optimizer_step`` in the guard's step API: ``before_optimizer_step`` unscales, checks the loss and
+  gradients, clips (at 10.0 unless the policy says otherwise, Ultralytics' fixed value) and, when the update must
+  not happen, sets every gradient to ``None``; then Ultralytics' own ``optimizer_step`` runs (its ``unscale_`` a
+  no-op for the call, its EMA hidden on a skipped step), and ``after_optimizer_step`` records the step. The
+  scheduler stays Ultralytics' (stepped per epoch); the guard's LR back-off scales the optimizer's param-group
+  LRs around each step only, so warmup and the scheduler keep writing their own values;
 - it records every step with the epoch, the batch index within the epoch (counted at
   ``on_train_batch_start``, reset at ``on_train_epoch_start``) and the image files of the batches since the
   previous step (read from the batch dict as ``trainer.preprocess_batch`` receives it; ``None`` for tasks
@@ -278,10 +279,13 @@ class UltralyticsGuard:
         scaler = getattr(trainer, "scaler", None)
         if scaler is not None and not scaler.is_enabled():
             scaler = None
+        # Ultralytics updates its EMA and steps its scheduler (per epoch) itself: the EMA is the loop's (scanned and
+        # kept in snapshots); the scheduler is left out, since an in-process rollback does not rewind the epoch.
         self.guard = Guard(
             unwrap_model(trainer.model), trainer.optimizer, run_dir=trainer.save_dir, policy=self._resolve_policy(),
-            scaler=scaler, ema=getattr(trainer, "ema", None) or None,
+            scaler=scaler, loop_ema=getattr(trainer, "ema", None) or None,
         )
+        self.ultralytics_optimizer_step = trainer.optimizer_step
         trainer.optimizer_step = self.optimizer_step
         original_preprocess = trainer.preprocess_batch
 
@@ -339,17 +343,35 @@ class UltralyticsGuard:
 
     # ------------------------------------------------------------------ the step
     def optimizer_step(self) -> None:
-        """Replaces ``trainer.optimizer_step``: the guard checks, clips, applies or skips, updates the EMA and
-        zeroes the gradients. Ultralytics calls it once every ``accumulate`` batches; the step is recorded
-        at the last of them, with the image files of all of them."""
+        """Wraps Ultralytics' own ``optimizer_step`` in the guard's step API. Ultralytics calls it once every
+        ``accumulate`` batches; the step is recorded at the last of them, with the image files of all of them.
+
+        ``before_optimizer_step`` unscales, checks the loss and gradients, decides and clips; when the update must
+        not happen every gradient is ``None``, so Ultralytics' ``scaler.step(optimizer)`` changes nothing, and its
+        EMA is hidden for the call (``trainer.ema = None``) so the average does not move either. Ultralytics' own
+        ``unscale_`` is a no-op for the call (the gradients are unscaled already) and its fixed clip at 10 then
+        finds them clipped. ``after_optimizer_step`` records the step and runs the periodic check or a rollback."""
         guard, trainer = self._require_guard(), self.trainer
         loss = trainer.loss.detach()
         if loss.numel() != 1:
             loss = loss.sum()
         files, self._pending_files = self._pending_files, []
-        result = guard.step(loss, epoch=int(trainer.epoch), batch_index=max(self._batch_index, 0),
-                            sample_ids=files or None)
-        self.results.append(result)
+        verdict = guard.before_optimizer_step(loss, epoch=int(trainer.epoch), batch_index=max(self._batch_index, 0),
+                                              sample_ids=files or None)
+        scaler, ema = getattr(trainer, "scaler", None), getattr(trainer, "ema", None)
+        hide_ema = verdict.known and not verdict.apply
+        if scaler is not None:
+            scaler.unscale_ = _already_unscaled
+        if hide_ema:
+            trainer.ema = None
+        try:
+            self.ultralytics_optimizer_step()
+        finally:
+            if scaler is not None:
+                del scaler.unscale_  # the instance attribute shadowed the class's method
+            if hide_ema:
+                trainer.ema = ema
+        self.results.append(guard.after_optimizer_step(verdict))
         self.keep_running_loss_finite()
 
     def on_train_epoch_end(self, trainer: Any) -> None:
@@ -521,6 +543,10 @@ class UltralyticsGuard:
         if self.guard is None:
             raise RuntimeError("nanguard: the guard is built at on_pretrain_routine_end; the trainer has not got there")
         return self.guard
+
+
+def _already_unscaled(optimizer: Any) -> None:
+    """Ultralytics' ``scaler.unscale_`` during the guarded step: the guard unscaled the gradients already."""
 
 
 def _finite_or(value: Any, fallback: Any) -> Any:

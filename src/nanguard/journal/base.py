@@ -21,7 +21,7 @@ CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
     started_at REAL NOT NULL,
     ended_at REAL,
-    status TEXT NOT NULL,             -- running | finished | stopped | crashed
+    status TEXT NOT NULL,             -- running | finished | stopped | dirty | crashed
     host TEXT NOT NULL,
     pid INTEGER NOT NULL,
     rank INTEGER NOT NULL,
@@ -109,7 +109,23 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE INDEX IF NOT EXISTS metrics_by_step ON metrics(run_id, step);
 """
 
-ADDED_COLUMNS = (("incidents", "rolled_back", "INTEGER NOT NULL DEFAULT 0"),)
+ADDED_COLUMNS = (
+    ("incidents", "rolled_back", "INTEGER NOT NULL DEFAULT 0"),
+    # The attempt: 0 at the run's start, +1 after each in-process rollback (steps repeat in a new attempt).
+    ("incidents", "attempt", "INTEGER NOT NULL DEFAULT 0"),
+    ("actions", "attempt", "INTEGER NOT NULL DEFAULT 0"),
+    ("metrics", "attempt", "INTEGER NOT NULL DEFAULT 0"),
+    # The training loop's own step counter (nanoGPT's iter_num) when the loop gave one.
+    ("incidents", "loop_step", "INTEGER"),
+    ("actions", "loop_step", "INTEGER"),
+    ("metrics", "loop_step", "INTEGER"),
+    # Which micro-batch of a gradient-accumulation step a loss incident came from (0-based).
+    ("incidents", "micro_batch", "INTEGER"),
+    ("runs", "attempts", "INTEGER NOT NULL DEFAULT 0"),
+    # The process's start time (Linux: clock ticks since boot, /proc/<pid>/stat field 22, plus btime), so a
+    # reader tells a live run from one whose process died (or whose pid was reused): see readers.run_alive.
+    ("runs", "process_start", "REAL"),
+)
 """Columns added after their table first shipped: ``(table, column, declaration)``. A journal created
 before them gets them on open (``ALTER TABLE ... ADD COLUMN``); readers of an old journal fill the default."""
 
@@ -133,6 +149,10 @@ class IncidentRecord:
     value: float | None = None
     threshold: float | None = None
     tensors: Sequence[str] = field(default_factory=tuple)
+    loop_step: int | None = None
+    """The training loop's own step counter, when the loop gave one."""
+    micro_batch: int | None = None
+    """Which micro-batch of a gradient-accumulation step a loss incident came from (0-based)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +168,9 @@ class MetricRecord:
     lr: float | None
     applied: bool
     wall_time: float
+    loop_step: int | None = None
+    attempt: int = 0
+    """The run's attempt the step belongs to (the journal's at the time the step ran, since rows are buffered)."""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ row and the column, instead of a traceback deep in a renderer."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -100,12 +102,15 @@ _MEASURES: dict[str, tuple[Check, bool]] = {
 COLUMN_KINDS: Mapping[str, Mapping[str, tuple[Check, bool]]] = {
     "runs": {**_ID, "started_at": (_wall_time, True), "ended_at": (_wall_time, False), "status": (_text, True),
              "host": (_text, True), "pid": (_integer, True), "rank": (_integer, True),
-             "nanguard_version": (_text, True), "torch_version": (_text, False), "policy": (_json(dict), True)},
+             "nanguard_version": (_text, True), "torch_version": (_text, False), "policy": (_json(dict), True),
+             "attempts": (_integer, False), "process_start": (_real, False)},
     "incidents": {**_ID, **_STEP, **_MEASURES, "kind": (_text, True), "sample_ids": (_json(list), False),
                   "rank": (_integer, True), "value": (_real, False), "threshold": (_real, False),
-                  "tensors": (_json(list, str), True), "action": (_text, True), "rolled_back": (_integer, False)},
+                  "tensors": (_json(list, str), True), "action": (_text, True), "rolled_back": (_integer, False),
+                  "attempt": (_integer, False), "loop_step": (_integer, False), "micro_batch": (_integer, False)},
     "actions": {**_ID, "run_id": (_integer, True), "step": (_integer, True), "action": (_text, True),
-                "reason": (_text, True), "detail": (_json(dict), True), "wall_time": (_wall_time, True)},
+                "reason": (_text, True), "detail": (_json(dict), True), "wall_time": (_wall_time, True),
+                "attempt": (_integer, False), "loop_step": (_integer, False)},
     "checkpoints": {**_ID, "path": (_text, True), "sha256": (_text, False), "size": (_integer, False),
                     "format": (_text, False), "epoch": (_real, False), "step": (_integer, False),
                     "status": (_text, True), "findings": (_json(list, dict), True), "parent_path": (_text, False),
@@ -114,7 +119,7 @@ COLUMN_KINDS: Mapping[str, Mapping[str, tuple[Check, bool]]] = {
     "snapshots": {**_ID, **_STEP, "path": (_relative_path, True), "sha256": (_text, True), "size": (_integer, True),
                   "clean": (_integer, True), "pinned": (_integer, True), "deleted": (_integer, True)},
     "metrics": {**_ID, **_STEP, **_MEASURES, "clip_threshold": (_real, False), "lr": (_real, False),
-                "applied": (_integer, True)},
+                "applied": (_integer, True), "attempt": (_integer, False), "loop_step": (_integer, False)},
 }
 """Per table, per column: the check its value must pass, and whether it is required (NOT NULL). A real
 number may be stored as an integer (SQLite's own choice); a boolean is an integer."""
@@ -172,14 +177,17 @@ def _rows(run_dir: str | Path, table: str) -> list[dict[str, Any]]:
 
 
 def read_incidents(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every incident of a run folder, oldest first, as plain dicts (JSON columns decoded, non-finite
-    losses and norms given back as floats)."""
+    """Every incident of a run folder in the order written, as plain dicts (JSON columns decoded, non-finite
+    losses and norms given back as floats). Besides the columns: ``seq`` (the journal-wide order), ``attempt``
+    (0, then +1 after each in-process rollback), ``loop_step``, ``micro_batch``, and ``replay``: the step was
+    rolled back, so the same step number comes again in a later attempt."""
     return [_incident_dict(row) for row in _rows(run_dir, "incidents")]
 
 
 def read_actions(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every action of a run folder, oldest first."""
-    return [{**row, "detail": json.loads(row["detail"])} for row in _rows(run_dir, "actions")]
+    """Every action of a run folder in the order written (``seq``, ``attempt`` and ``loop_step`` as for
+    incidents)."""
+    return [_ordered({**row, "detail": json.loads(row["detail"])}) for row in _rows(run_dir, "actions")]
 
 
 def read_checkpoints(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -196,19 +204,66 @@ def read_snapshots(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every per-step metrics row of a run folder in the order written (``applied`` a bool, non-finite
-    losses and norms given back as floats). Steps repeat after an in-process rollback; a journal written
-    before the ``metrics`` table existed gives ``[]``."""
-    out = []
-    for row in _rows(run_dir, "metrics"):
-        item = _with_nonfinite(row)
+    losses and norms given back as floats). Steps repeat after an in-process rollback: ``replay`` is true for
+    a row whose step a later attempt of the same run ran again. A journal written before the ``metrics`` table
+    existed gives ``[]``."""
+    rows = [_ordered(_with_nonfinite(row)) for row in _rows(run_dir, "metrics")]
+    latest: dict[tuple[int, int], int] = {}
+    for item in rows:
+        key = (item["run_id"], item["step"])
+        latest[key] = max(latest.get(key, 0), item["attempt"])
+    for item in rows:
         item["applied"] = bool(item["applied"])
+        item["replay"] = item["attempt"] < latest[(item["run_id"], item["step"])]
+    return rows
+
+
+def read_runs(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every process that wrote to the journal (``runs`` rows), oldest first, ``policy`` decoded. A run still
+    marked ``running`` whose process is gone (same host: no such pid, or a pid reused by a process that started
+    later) reads ``crashed``; ``recorded_status`` keeps what the journal says."""
+    out = []
+    for row in _rows(run_dir, "runs"):
+        item = {**row, "policy": json.loads(row["policy"]), "recorded_status": row["status"]}
+        item.setdefault("attempts", 0)
+        if item["status"] == "running" and run_alive(item) is False:
+            item["status"] = "crashed"
         out.append(item)
     return out
 
 
-def read_runs(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every process that wrote to the journal (``runs`` rows), oldest first, ``policy`` decoded."""
-    return [{**row, "policy": json.loads(row["policy"])} for row in _rows(run_dir, "runs")]
+def process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started, in seconds since the epoch (Linux: ``/proc/<pid>/stat`` field 22 in clock
+    ticks after boot, plus ``btime`` of ``/proc/stat``); ``None`` where that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+        ticks = int(fields[19])  # field 22 of the whole line; fields[0] is field 3
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def run_alive(run: Mapping[str, Any]) -> bool | None:
+    """Whether the process of a ``runs`` row still lives: ``None`` when this machine cannot tell (another host,
+    no /proc)."""
+    if run.get("host") != socket.gethostname() or not isinstance(run.get("pid"), int):
+        return None
+    started = process_start_time(int(run["pid"]))
+    if started is None:
+        return False if Path("/proc/self/stat").exists() else None
+    recorded = run.get("process_start")
+    # A start time other than the recorded one: the pid now belongs to another process.
+    return not (isinstance(recorded, int | float) and abs(started - recorded) > 2.0)
+
+
+def _ordered(out: dict[str, Any]) -> dict[str, Any]:
+    out["seq"] = out["id"]
+    out.setdefault("attempt", 0)
+    out.setdefault("loop_step", None)
+    return out
 
 
 def _with_nonfinite(out: dict[str, Any]) -> dict[str, Any]:
@@ -240,4 +295,6 @@ def _incident_dict(row: dict[str, Any]) -> dict[str, Any]:
     out["tensors"] = json.loads(out["tensors"])
     # A journal opened only read-only since before the column existed has no such column: not rolled back.
     out["rolled_back"] = bool(out.get("rolled_back", 0))
-    return out
+    out["replay"] = out["rolled_back"]
+    out.setdefault("micro_batch", None)
+    return _ordered(out)

@@ -23,7 +23,7 @@ from nanguard.journal.base import (
     MetricRecord,
     journal_path,
 )
-from nanguard.journal.readers import checked_row, checkpoint_dict, snapshot_dict
+from nanguard.journal.readers import checked_row, checkpoint_dict, process_start_time, snapshot_dict
 
 
 def _finite_or_text(value: float | None) -> tuple[float | None, str | None]:
@@ -46,6 +46,7 @@ class Journal:
             probe = self.path.parent / f".write-test-{os.getpid()}"
             probe.touch()
             probe.unlink()
+            self._attempts: dict[int, int] = {}
             db = self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -79,11 +80,26 @@ class Journal:
         from nanguard import __version__
 
         cursor = self._write(
-            "INSERT INTO runs (started_at, status, host, pid, rank, nanguard_version, torch_version, policy)"
-            " VALUES (?, 'running', ?, ?, ?, ?, ?, ?)",
-            (time.time(), socket.gethostname(), os.getpid(), rank, __version__, torch_version, json.dumps(policy)),
+            "INSERT INTO runs (started_at, status, host, pid, rank, nanguard_version, torch_version, policy,"
+            " process_start) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?)",
+            (time.time(), socket.gethostname(), os.getpid(), rank, __version__, torch_version, json.dumps(policy),
+             process_start_time(os.getpid())),
         )
-        return int(cursor.lastrowid or 0)
+        run_id = int(cursor.lastrowid or 0)
+        self._attempts[run_id] = 0
+        return run_id
+
+    def next_attempt(self, run_id: int) -> int:
+        """Start the run's next attempt (after an in-process rollback rewound its steps): rows written from now on
+        carry it, so a step that repeats is told apart from its first try. Returns the new attempt number."""
+        attempt = self._attempts.get(run_id, 0) + 1
+        self._attempts[run_id] = attempt
+        self._write("UPDATE runs SET attempts = ? WHERE id = ?", (attempt, run_id))
+        return attempt
+
+    def attempt(self, run_id: int) -> int:
+        """The run's current attempt (0 until a rollback)."""
+        return self._attempts.get(run_id, 0)
 
     def end_run(self, run_id: int, status: str) -> None:
         self._write("UPDATE runs SET ended_at = ?, status = ? WHERE id = ?", (time.time(), status, run_id))
@@ -94,13 +110,14 @@ class Journal:
         value, _ = _finite_or_text(incident.value)
         cursor = self._write(
             "INSERT INTO incidents (run_id, kind, epoch, step, batch_index, sample_ids, rank, loss, loss_text,"
-            " grad_norm, grad_norm_text, value, threshold, tensors, action, wall_time)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " grad_norm, grad_norm_text, value, threshold, tensors, action, wall_time, attempt, loop_step,"
+            " micro_batch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run_id, incident.kind, incident.epoch, incident.step, incident.batch_index,
                 None if incident.sample_ids is None else json.dumps(list(incident.sample_ids)),
                 incident.rank, loss, loss_text, norm, norm_text, value, incident.threshold,
-                json.dumps(list(incident.tensors)), incident.action, time.time(),
+                json.dumps(list(incident.tensors)), incident.action, time.time(), self.attempt(run_id),
+                incident.loop_step, incident.micro_batch,
             ),
         )
         return int(cursor.lastrowid or 0)
@@ -112,21 +129,24 @@ class Journal:
             loss, loss_text = _finite_or_text(r.loss)
             norm, norm_text = _finite_or_text(r.grad_norm)
             rows.append((run_id, r.step, r.epoch, r.batch_index, loss, loss_text, norm, norm_text,
-                         r.clip_threshold, r.lr, int(r.applied), r.wall_time))
+                         r.clip_threshold, r.lr, int(r.applied), r.wall_time, r.attempt, r.loop_step))
         if not rows:
             return
 
         def insert() -> None:
             self._db.executemany(
                 "INSERT INTO metrics (run_id, step, epoch, batch_index, loss, loss_text, grad_norm, grad_norm_text,"
-                " clip_threshold, lr, applied, wall_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                " clip_threshold, lr, applied, wall_time, attempt, loop_step)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
         self._transaction(insert)
 
-    def record_action(self, run_id: int, *, step: int, action: str, reason: str, detail: dict[str, Any]) -> int:
+    def record_action(self, run_id: int, *, step: int, action: str, reason: str, detail: dict[str, Any],
+                      loop_step: int | None = None) -> int:
         cursor = self._write(
-            "INSERT INTO actions (run_id, step, action, reason, detail, wall_time) VALUES (?, ?, ?, ?, ?, ?)",
-            (run_id, step, action, reason, json.dumps(detail), time.time()),
+            "INSERT INTO actions (run_id, step, action, reason, detail, wall_time, attempt, loop_step)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (run_id, step, action, reason, json.dumps(detail), time.time(), self.attempt(run_id), loop_step),
         )
         return int(cursor.lastrowid or 0)
 
