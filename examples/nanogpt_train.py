@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         for micro_step in range(gradient_accumulation_steps):
             current.update(iter=iter_num, micro=micro_step)
             with ctx:
-                logits, loss = model(X, Y)
+                _, loss = model(X, Y)
                 loss = loss / gradient_accumulation_steps
             X, Y = get_batch()
             if guard is not None:

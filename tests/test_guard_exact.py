@@ -109,7 +109,8 @@ def test_sync_free_mode_restores_contaminated_state_at_the_flush(tmp_path: Path)
 def test_sync_free_mode_refuses_a_grad_scaler_at_construction(tmp_path: Path) -> None:
     setup = make_setup()
     with pytest.raises(ValueError, match="GradScaler"):
-        nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler, run_dir=tmp_path, scaler=torch.amp.GradScaler("cpu"),
+        nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler,
+                       run_dir=tmp_path, scaler=torch.amp.GradScaler("cpu"),
                        policy=nanguard.Policy(sync_free=True))
 
 
@@ -181,7 +182,8 @@ def test_lr_is_backed_off_after_a_rollback_and_recovers(tmp_path: Path) -> None:
 def test_grad_scaler_overflow_is_left_to_the_scaler_and_recorded(tmp_path: Path) -> None:
     setup = make_setup(scheduler=False)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    guard = nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler, run_dir=tmp_path, scaler=scaler,
+    guard = nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler,
+                           run_dir=tmp_path, scaler=scaler,
                            policy=nanguard.Policy(check_every_steps=5))
     pre: dict[int, dict[str, torch.Tensor]] = {}
     weight = setup.model[0].weight
@@ -201,7 +203,8 @@ def test_grad_scaler_overflow_is_left_to_the_scaler_and_recorded(tmp_path: Path)
 def test_a_skip_under_grad_scaler_leaves_the_scaler_exactly_as_it_was(tmp_path: Path) -> None:
     setup = make_setup(scheduler=False)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
-    guard = nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler, run_dir=tmp_path, scaler=scaler,
+    guard = nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler,
+                           run_dir=tmp_path, scaler=scaler,
                            policy=nanguard.Policy(check_every_steps=5))
     before, after = [], []
     for i, (x, y, _) in enumerate(setup.batches[:8]):
@@ -227,7 +230,8 @@ def test_healthy_steps_under_a_grad_scaler_equal_the_plain_scaler_loop(tmp_path:
     for guarded_run in (False, True):
         setup = make_setup(scheduler=False)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=3)
-        guard = (nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler, run_dir=tmp_path / "g", scaler=scaler,
+        guard = (nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler,
+                                run_dir=tmp_path / "g", scaler=scaler,
                                 policy=nanguard.Policy(max_grad_norm=1.0)) if guarded_run else None)
         for x, y, _ in setup.batches[:10]:
             loss = nn.functional.cross_entropy(setup.model(x), y)

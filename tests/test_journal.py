@@ -57,7 +57,8 @@ def test_journal_is_sqlite_in_wal_mode_and_runs_append(tmp_path: Path) -> None:
 def test_a_fault_that_keeps_coming_back_ends_in_a_stop_with_a_report(tmp_path: Path) -> None:
     setup = make_setup(steps=60)
     policy = nanguard.Policy(check_every_steps=5, max_skips_in_window=3, skip_window_steps=10, max_rollbacks=2)
-    guard = nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler, run_dir=tmp_path, policy=policy)
+    guard = nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler,
+                           run_dir=tmp_path, policy=policy)
     with pytest.raises(nanguard.TrainingStopped) as stopped:
         train(setup, guard, poison_input=range(20, 60))  # every batch from 20 on is bad
     err = stopped.value
@@ -81,7 +82,8 @@ def test_a_passed_probation_is_progress_and_resets_the_count(tmp_path: Path) -> 
     setup = make_setup(steps=60)
     policy = nanguard.Policy(check_every_steps=5, max_skips_in_window=2, skip_window_steps=10, max_rollbacks=1,
                              lr_probation_steps=5)
-    guard = nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler, run_dir=tmp_path, policy=policy)
+    guard = nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler,
+                           run_dir=tmp_path, policy=policy)
     # Two bursts far apart: each escalates to a rollback; the probation that passed between them is progress.
     train(setup, guard, poison_input=[12, 13, 41, 42])
     actions = [(a["action"], a["step"]) for a in read_actions(tmp_path)]
@@ -118,7 +120,8 @@ def test_metrics_show_the_rewound_steps_after_a_rollback(tmp_path: Path) -> None
         with torch.no_grad():
             next(s.model.parameters())[0, 0] = float("nan")
 
-    with nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler, run_dir=tmp_path, policy=policy) as guard:
+    with nanguard.Guard(setup.model, setup.optimizer, loop_scheduler=setup.scheduler,
+                        run_dir=tmp_path, policy=policy) as guard:
         train(setup, guard, before_forward={12: poison_weight})
     steps = [r["step"] for r in read_metrics(tmp_path)]
     rollback = next(a for a in read_actions(tmp_path) if a["action"] == "rollback")
