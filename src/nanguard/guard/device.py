@@ -84,6 +84,8 @@ class DeviceEngine:
         self.inf = torch.full((), math.inf, dtype=torch.float32, device=device)
         self.watch: tuple[Tensor, Any] | None = None  # the last step's ok flag on its way to the host (CUDA)
         self.saw_nonfinite = False
+        self.constants: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self.flag_on_host: Tensor | None = None  # pinned; copies into it are stream-ordered, read after their event
 
     def ready(self, applied_updates: int) -> bool:
         """True once an update was applied eagerly, so the optimizer's state exists (and again after a rollback
@@ -133,17 +135,15 @@ class DeviceEngine:
         else:
             live = self.live_tensors()
             torch._foreach_copy_(self.backup, live)
-        first = torch.tensor(-1.0, dtype=torch.float64, device=self.device)
-        index = torch.arange(len(losses), dtype=torch.float64, device=self.device)
+        index, none, count = self.micro_constants(len(losses))
         nonfinite_micro = torch.where(~loss_finite, index, math.inf).min()
         spike_micro = torch.where(spike_each, index, math.inf).min()
-        nonfinite_micro = torch.where(nonfinite_micro.isfinite(), nonfinite_micro, first)
-        spike_micro_i = torch.where(spike_micro.isfinite(), spike_micro, first)
+        nonfinite_micro = torch.where(nonfinite_micro.isfinite(), nonfinite_micro, none)
+        spike_micro_i = torch.where(spike_micro.isfinite(), spike_micro, none)
         spike_loss = (loss_each.double() * (index == spike_micro_i).double()).nan_to_num().sum()
         loss_sum = loss_each.double().sum()
         row = torch.stack([loss_sum, norm.double(), ok.double(), loss_spike.double(), grad_spike.double(),
-                           loss_thr, grad_thr, nonfinite_micro, spike_micro_i, spike_loss,
-                           torch.tensor(float(len(losses)), dtype=torch.float64, device=self.device)])
+                           loss_thr, grad_thr, nonfinite_micro, spike_micro_i, spike_loss, count])
         engine_state = (ok, saved_lrs, loss_each, loss_finite, norm, loss_warm, loss_thr, grad_warm, grad_thr, row)
         return StepVerdict(seen.step, False, None, None, (), None, None, None, seen, engine_state=engine_state)
 
@@ -193,12 +193,25 @@ class DeviceEngine:
                 skipped = not bool(host)
                 self.watch = None
         if self.watch is None:
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            if self.flag_on_host is None:
+                self.flag_on_host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host = self.flag_on_host
             host.copy_(ok, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
             self.watch = (host, event)
         return skipped
+
+    def micro_constants(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Device constants for a step of ``n`` micro-batches (their indices, -1, and ``n``), made once per ``n``:
+        no host-to-device copy per step."""
+        found = self.constants.get(n)
+        if found is None:
+            found = (torch.arange(n, dtype=torch.float64, device=self.device),
+                     torch.full((), -1.0, dtype=torch.float64, device=self.device),
+                     torch.full((), float(n), dtype=torch.float64, device=self.device))
+            self.constants[n] = found
+        return found
 
     def live_tensors(self) -> list[Tensor]:
         """Parameters and optimizer state tensors the masked update must be able to put back."""

@@ -266,7 +266,8 @@ def _timeline(info: RunInfo, ax: Axes) -> str:
     lane_y = {lane: len(LANES) - 1 - i for i, lane in enumerate(LANES)}
     for run in info.runs:
         stop = run.get("ended_at") or end
-        colour = {"finished": "#2ca02c", "stopped": "#ff7f0e", "crashed": "#d62728"}.get(run["status"], "#1f77b4")
+        colour = {"finished": "#2ca02c", "stopped": "#ff7f0e", "dirty": "#d62728",
+                  "crashed": "#d62728"}.get(run["status"], "#1f77b4")
         command = run["policy"].get("command") if isinstance(run["policy"], dict) else None
         label = f"process: {run['status']}" if command is None else "process: nanguard CLI"
         ax.plot([(run["started_at"] - origin) / div, (stop - origin) / div], [lane_y["processes"]] * 2,

@@ -22,8 +22,8 @@ from rich.text import Text
 
 from nanguard.report.runinfo import RunInfo
 
-_STATE_STYLES = {"running": "bold green", "finished": "green", "stopped": "bold yellow", "crashed": "bold red",
-                 "failed": "bold red"}
+_STATE_STYLES = {"running": "bold green", "finished": "green", "stopped": "bold yellow", "dirty": "bold red",
+                 "crashed": "bold red", "failed": "bold red"}
 BAR_WIDTH = 30
 
 
