@@ -307,8 +307,8 @@ def test_dirty_checkpoints_are_replaced_by_the_pinned_copy(
 ) -> None:
     """Ultralytics writes a dirty ``last.pt``/``epochN.pt`` (poisoned by a callback that runs before the
     guard's ``on_model_save``). Epoch 0: no clean copy pinned yet, the journal says so and the file stays
-    until the next save. Epoch 2: ``last.pt`` is put back from the pin of epoch 1. Bad ``epochN.pt`` files
-    go to quarantine. At the end every ``weights/*.pt`` is clean."""
+    until the next save. Epoch 2: ``last.pt`` is put back from the pin of epoch 1, and the dirty one is kept in
+    quarantine. Bad ``epochN.pt`` files go to quarantine. At the end every ``weights/*.pt`` is clean."""
 
     def poison(trainer: Any) -> None:
         if trainer.epoch in (0, 2):
@@ -324,7 +324,9 @@ def test_dirty_checkpoints_are_replaced_by_the_pinned_copy(
     assert [Path(a["detail"]["path"]).name for a in replaced] == ["last.pt"]
     assert sorted(Path(a["detail"]["path"]).name for a in quarantined) == ["epoch0.pt", "epoch2.pt"]
     quarantine = save_dir / ".nanguard" / "quarantine"
-    assert sorted(p.name for p in quarantine.glob("*.pt")) == ["epoch0.pt", "epoch2.pt"]
+    assert sorted(p.name for p in quarantine.glob("*.pt")) == ["epoch0.pt", "epoch2.pt", "last.pt"]
+    assert replaced[0]["detail"]["quarantined_to"] == str(quarantine / "last.pt")
+    assert audit(quarantine / "last.pt").status is Status.DIRTY
     dirty = [r for r in read_checkpoints(save_dir) if r["status"] == "dirty"]
     assert {Path(r["path"]).name for r in dirty} == {"last.pt", "epoch0.pt", "epoch2.pt"}
     assert not (save_dir / "weights" / "epoch0.pt").exists()

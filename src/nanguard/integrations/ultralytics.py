@@ -32,8 +32,9 @@ What it does, all through ``yolo.add_callback`` and two instance overrides on th
 - at ``on_model_save`` (and once more at ``on_train_end``, after ``strip_optimizer`` rewrote ``last.pt`` and
   ``best.pt``) it audits every checkpoint file written since the last look. A clean ``last.pt``/``best.pt`` is
   pinned to ``<save_dir>/.nanguard/pinned/``; a dirty, scrubbed, unsafe or unreadable one is replaced by its
-  pinned clean copy (atomically) and the journal says so; a bad ``epochN.pt`` is moved to
-  ``<save_dir>/.nanguard/quarantine/``. Every verdict goes to the journal's ``checkpoints`` table;
+  pinned clean copy (atomically), the bad one kept in ``<save_dir>/.nanguard/quarantine/``, and the journal says
+  so; a bad ``epochN.pt`` is moved to that quarantine. Every verdict goes to the journal's ``checkpoints`` table
+  (all of it is :class:`nanguard.ckpt.CheckpointKeeper`, shared with the other adapters);
 - it closes the guard at ``on_train_end`` (``finished``) or ``teardown`` (``crashed`` when training did not
   reach its end).
 
