@@ -309,8 +309,8 @@ def test_dirty_checkpoints_are_replaced_by_the_pinned_copy(
 ) -> None:
     """Ultralytics writes a dirty ``last.pt``/``epochN.pt`` (poisoned by a callback that runs before the
     guard's ``on_model_save``). Epoch 0: no clean copy pinned yet, the journal says so and the file stays
-    until the next save. Epoch 2: ``last.pt`` is put back from the pin of epoch 1. Bad ``epochN.pt`` files
-    go to quarantine. At the end every ``weights/*.pt`` is clean."""
+    until the next save. Epoch 2: ``last.pt`` is put back from the pin of epoch 1, and the dirty one is kept in
+    quarantine. Bad ``epochN.pt`` files go to quarantine. At the end every ``weights/*.pt`` is clean."""
 
     def poison(trainer: Any) -> None:
         if trainer.epoch in (0, 2):
@@ -326,7 +326,9 @@ def test_dirty_checkpoints_are_replaced_by_the_pinned_copy(
     assert [Path(a["detail"]["path"]).name for a in replaced] == ["last.pt"]
     assert sorted(Path(a["detail"]["path"]).name for a in quarantined) == ["epoch0.pt", "epoch2.pt"]
     quarantine = save_dir / ".nanguard" / "quarantine"
-    assert sorted(p.name for p in quarantine.glob("*.pt")) == ["epoch0.pt", "epoch2.pt"]
+    assert sorted(p.name for p in quarantine.glob("*.pt")) == ["epoch0.pt", "epoch2.pt", "last.pt"]
+    assert replaced[0]["detail"]["quarantined_to"] == str(quarantine / "last.pt")
+    assert audit(quarantine / "last.pt").status is Status.DIRTY
     dirty = [r for r in read_checkpoints(save_dir) if r["status"] == "dirty"]
     assert {Path(r["path"]).name for r in dirty} == {"last.pt", "epoch0.pt", "epoch2.pt"}
     assert not (save_dir / "weights" / "epoch0.pt").exists()
@@ -468,3 +470,40 @@ def test_healthy_classify_run_pins_a_clean_last_pt_and_quarantines_nothing(
     assert any(g.startswith("torchvision.transforms.") for g in epoch0.globals)
     assert epoch0.unlisted_globals == () and epoch0.unsafe_globals == ()
     assert type(load_checkpoint(save_dir / "weights" / "last.pt")["model"]).__name__ == "ClassificationModel"
+
+
+@pytest.mark.slow
+def test_resume_goes_on_with_the_guard_state_saved_with_last_pt(
+    yolo_offline: Path, yolo_dataset: Path, tmp_path: Path,
+) -> None:
+    """A training that dies after epoch 1 was saved, resumed with ``resume=True``: the guard starts from the
+    state saved beside ``last.pt`` (step count, loss statistics, controller), not from scratch, and the journal
+    says so; the finished run's stripped ``last.pt`` has its state again."""
+    from ultralytics import YOLO
+
+    from nanguard.ckpt.keeper import guard_state_path, load_guard_state
+    from nanguard.integrations.ultralytics import guard
+
+    def crash_after_epoch_1(trainer: Any) -> None:
+        if trainer.epoch == 1:
+            raise RuntimeError("injected crash after the save")
+
+    with pytest.raises(RuntimeError, match="injected crash"):
+        train_guarded(tmp_path, yolo_dataset, [("on_fit_epoch_end", crash_after_epoch_1)], epochs=3)
+    save_dir = tmp_path / "run"
+    last = save_dir / "weights" / "last.pt"
+    saved = load_guard_state(save_dir, last)
+    assert saved is not None and saved["step"] == 4 and saved["epoch"] == 1  # two optimizer steps per epoch
+
+    seen: dict[str, Any] = {}
+    model = YOLO(str(last))
+    guarded = guard(model, policy=Policy(max_grad_norm=10.0))
+    model.add_callback("on_train_start", lambda trainer: seen.update(state=guarded.guard.state_dict()))
+    model.train(resume=True, data=str(yolo_dataset), device="cpu", workers=0, plots=False)
+    assert seen["state"]["step"] == saved["step"]
+    assert seen["state"]["controller"] == saved["controller"]
+    assert {k: v for k, v in seen["state"].items() if "stats" in k} == {k: v for k, v in saved.items() if "stats" in k}
+    assert "guard_state_restored" in action_names(save_dir)
+    final = load_guard_state(save_dir, last)  # bound to the stripped file: its sha256 matched
+    assert final is not None and final["step"] == 6 and guard_state_path(save_dir, last).is_file()
+    assert_all_clean(save_dir)

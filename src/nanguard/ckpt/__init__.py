@@ -1,4 +1,5 @@
-"""nanguard.ckpt owns checkpoints on disk: reading them safely, auditing them, and writing them atomically.
+"""nanguard.ckpt owns checkpoints on disk: reading them safely, auditing them, writing them atomically, and
+keeping a trainer's checkpoints clean (:class:`CheckpointKeeper`: pin clean, put back dirty, quarantine).
 
     verdict = audit("runs/detect/train/weights/last.pt")
     if verdict.status is Status.DIRTY:
@@ -27,12 +28,14 @@ from nanguard.ckpt.base import (
 from nanguard.ckpt.folders import find_checkpoints
 from nanguard.ckpt.formats import read_checkpoint
 from nanguard.ckpt.io import load_checkpoint, require_loadable, save_checkpoint
+from nanguard.ckpt.keeper import CheckpointKeeper, load_guard_state, save_guard_state
 from nanguard.ckpt.unpickler import InertObject
 from nanguard.ckpt.walk import iter_tensors
 from nanguard.errors import NoCheckpointsFound, UnreadableCheckpoint, UnsafeCheckpoint
 
 __all__ = [
     "Area",
+    "CheckpointKeeper",
     "CheckpointTree",
     "Finding",
     "Format",
@@ -52,7 +55,9 @@ __all__ = [
     "is_allowed_global",
     "iter_tensors",
     "load_checkpoint",
+    "load_guard_state",
     "read_checkpoint",
     "require_loadable",
     "save_checkpoint",
+    "save_guard_state",
 ]

@@ -33,8 +33,9 @@ What it does, all through ``yolo.add_callback`` and two instance overrides on th
 - at ``on_model_save`` (and once more at ``on_train_end``, after ``strip_optimizer`` rewrote ``last.pt`` and
   ``best.pt``) it audits every checkpoint file written since the last look. A clean ``last.pt``/``best.pt`` is
   pinned to ``<save_dir>/.nanguard/pinned/``; a dirty, scrubbed, unsafe or unreadable one is replaced by its
-  pinned clean copy (atomically) and the journal says so; a bad ``epochN.pt`` is moved to
-  ``<save_dir>/.nanguard/quarantine/``. Every verdict goes to the journal's ``checkpoints`` table;
+  pinned clean copy (atomically), the bad one kept in ``<save_dir>/.nanguard/quarantine/``, and the journal says
+  so; a bad ``epochN.pt`` is moved to that quarantine. Every verdict goes to the journal's ``checkpoints`` table
+  (all of it is :class:`nanguard.ckpt.CheckpointKeeper`, shared with the other adapters);
 - it closes the guard at ``on_train_end`` (``finished``) or ``teardown`` (``crashed`` when training did not
   reach its end).
 
@@ -60,7 +61,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,10 +68,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from nanguard.atomic import atomic_copy, atomic_link
-from nanguard.ckpt import Status, Verdict, audit
+from nanguard.ckpt import Verdict
+from nanguard.ckpt.keeper import CheckpointKeeper, load_guard_state, save_guard_state
 from nanguard.guard import Guard, StepResult
-from nanguard.journal import CheckpointRecord, file_digest
 from nanguard.policy import Policy
 
 if TYPE_CHECKING:
@@ -85,10 +84,6 @@ NAN_RECOVERY_SINCE = (8, 3, 213)
 """First release with the epoch-level ``_handle_nan_recovery`` that the guard takes over."""
 ULTRALYTICS_CLIP_NORM = 10.0
 """Ultralytics' hard-coded ``clip_grad_norm_`` limit, the default ``max_grad_norm`` here."""
-
-PINNED_DIR = Path(".nanguard") / "pinned"
-QUARANTINE_DIR = Path(".nanguard") / "quarantine"
-
 
 WEIGHTS_KEYS = ("model", "pretrained", "distill_model")
 """The ``train`` arguments Ultralytics resolves to a ``.pt`` file and unpickles: the model, the weights to start
@@ -233,7 +228,7 @@ class UltralyticsGuard:
         self.verdicts: list[Verdict] = []
         self._batch_index = -1
         self._pending_files: list[str] = []
-        self._audited: dict[str, str] = {}
+        self.keeper: CheckpointKeeper | None = None
         self._finished = False
 
     # ------------------------------------------------------------------ wiring
@@ -268,12 +263,11 @@ class UltralyticsGuard:
             self.guard.close("finished" if self._finished else "crashed")  # a previous training of this model
         self.trainer = trainer
         self.results, self.verdicts = [], []
-        self._batch_index, self._pending_files, self._audited, self._finished = -1, [], {}, False
+        self._batch_index, self._pending_files, self._finished = -1, [], False
         self._tloss_before: Any = None
         self._tloss_checked = False  # this batch's tloss already repaired (at the optimizer step)
         self._restart_mean = False
-        self._verdicts_by_digest: dict[str, Verdict] = {}
-        self._pins: dict[str, str] = {}  # role -> sha256 of the pinned copy
+        self._best_state: dict[str, Any] | None = None  # the guard state saved with best.pt
         if getattr(trainer, "world_size", 1) > 1:
             log.warning("nanguard: multi-GPU (DDP) Ultralytics training is not supported; guarding this rank only")
         scaler = getattr(trainer, "scaler", None)
@@ -286,6 +280,9 @@ class UltralyticsGuard:
             scaler=scaler, loop_ema=getattr(trainer, "ema", None) or None,
         )
         self.ultralytics_optimizer_step = trainer.optimizer_step
+        self.keeper = CheckpointKeeper.for_guard(self.guard, trainer.save_dir)
+        if getattr(trainer, "resume", False) and getattr(trainer.args, "resume", None):
+            self.restore_guard_state(Path(trainer.args.resume))
         trainer.optimizer_step = self.optimizer_step
         original_preprocess = trainer.preprocess_batch
 
@@ -409,128 +406,76 @@ class UltralyticsGuard:
 
     # ------------------------------------------------------------------ checkpoints
     def on_model_save(self, trainer: Any) -> None:
+        self.save_guard_state()
         self.guard_checkpoints()
+
+    def save_guard_state(self, *, final: bool = False) -> None:
+        """Keep the guard's state (statistics, escalation, probation, LR back-off, position) beside ``last.pt``,
+        and beside ``best.pt`` when Ultralytics just wrote it (with ``last.pt``'s bytes, when the fitness is the
+        best so far), so that ``resume=True`` goes on with them. Written before the checkpoints are pinned: a
+        pin takes its state along, and a dirty checkpoint put back gets the pinned one's state back. ``final``:
+        after ``final_eval`` stripped both files, ``best.pt`` gets back the state of the epoch it came from."""
+        guard, trainer = self._require_guard(), self.trainer
+        state = guard.state_dict()
+        best_written = trainer.best_fitness is not None and trainer.best_fitness == getattr(trainer, "fitness", None)
+        if best_written and not final:
+            self._best_state = state
+        pairs = [(Path(trainer.last), state)]
+        if (best_written or final) and self._best_state is not None:
+            pairs.append((Path(trainer.best), self._best_state))
+        for path, saved in pairs:
+            if not path.is_file():
+                continue
+            try:
+                save_guard_state(trainer.save_dir, path, saved)
+            except (OSError, ValueError) as err:
+                log.warning("nanguard: the guard state for %s was not saved: %s", path, err)
+
+    def restore_guard_state(self, ckpt: Path) -> None:
+        """On ``resume=True``: load the guard state saved with the checkpoint being resumed. A missing state
+        (a run trained without nanguard) starts fresh statistics; a state that does not belong to this
+        checkpoint (it was replaced or edited since) is not loaded, and the journal says so."""
+        guard = self._require_guard()
+        try:
+            self._best_state = load_guard_state(self.trainer.save_dir, self.trainer.best)
+        except ValueError:
+            self._best_state = None  # best.pt was replaced since: its state is unknown, not the last one's
+        try:
+            state = load_guard_state(self.trainer.save_dir, ckpt)
+            if state is None:
+                return
+            guard.load_state_dict(state)
+        except (ValueError, KeyError, TypeError) as err:
+            log.warning("nanguard: guard state not restored on resume: %s", err)
+            guard.journal.record_action(guard.run_id, step=guard.step_count, action="guard_state_not_restored",
+                                        reason=str(err), detail={"checkpoint": str(ckpt)})
+            return
+        log.info("nanguard: resumed the guard state saved with %s (step %d)", ckpt, guard.step_count)
+        guard.journal.record_action(guard.run_id, step=guard.step_count, action="guard_state_restored",
+                                    reason=f"resumed from {ckpt.name}", detail={"checkpoint": str(ckpt)})
 
     def guard_checkpoints(self) -> list[Verdict]:
         """Audit ``last.pt``, ``best.pt`` and this epoch's ``epochN.pt`` when written since the last look;
-        pin clean ``last``/``best``, put the pinned copy back over a bad one, quarantine a bad ``epochN``."""
+        pin clean ``last``/``best``, put the pinned copy back over a bad one, quarantine a bad ``epochN``
+        (:class:`~nanguard.ckpt.keeper.CheckpointKeeper`)."""
         trainer = self.trainer
         wdir = Path(trainer.wdir)
-        candidates: list[tuple[str | None, Path]] = [("last", Path(trainer.last)), ("best", Path(trainer.best))]
+        candidates: list[tuple[str | Path, str | None]] = [(Path(trainer.last), "last"), (Path(trainer.best), "best")]
         if isinstance(getattr(trainer, "epoch", None), int) and trainer.epoch >= 0:
-            candidates.append((None, wdir / f"epoch{trainer.epoch}.pt"))
-        verdicts = []
-        for role, path in candidates:
-            verdict = self._audit_if_new(path)
-            if verdict is None:
-                continue
-            verdicts.append(verdict)
-            # CLEAN is the content verdict of a readable file whose pickle calls no code; classes outside the
-            # load allowlist do not change it (Ultralytics classify pickles torchvision transforms).
-            if verdict.status is Status.CLEAN:
-                if role is not None:
-                    self._pin(role, path)
-            elif role is not None:
-                self._put_back(role, path, verdict)
-            else:
-                self._quarantine(path, verdict)
+            candidates.append((wdir / f"epoch{trainer.epoch}.pt", None))
+        self._require_guard()
+        if self.keeper is None:  # built with the guard
+            raise RuntimeError("nanguard: the checkpoint keeper is built at on_pretrain_routine_end")
+        verdicts = self.keeper.keep_all(candidates)
+        self.verdicts.extend(verdicts)
         return verdicts
-
-    def _audit_if_new(self, path: Path) -> Verdict | None:
-        if not path.is_file():
-            return None
-        digest = file_digest(path)
-        if digest is not None and self._audited.get(str(path)) == digest[0]:
-            return None  # unchanged since its last audit (not rewritten this epoch)
-        # Ultralytics writes the same bytes to last.pt, best.pt and epochN.pt: audit them once.
-        known = self._verdicts_by_digest.get(digest[0]) if digest is not None else None
-        verdict = dataclasses.replace(known, path=path) if known is not None else audit(path)
-        if digest is not None:
-            self._verdicts_by_digest[digest[0]] = verdict
-        self.verdicts.append(verdict)
-        self._record_verdict(path, verdict, digest)
-        if digest is not None:
-            self._audited[str(path)] = digest[0]
-        if verdict.status is not Status.CLEAN:
-            log.warning("nanguard: %s is %s after Ultralytics wrote it", path, verdict.status.value)
-        return verdict
-
-    def _record_verdict(self, path: Path, verdict: Verdict, digest: tuple[str, int, float] | None) -> None:
-        sha256, size, mtime = digest if digest is not None else (None, None, None)
-        findings = [
-            {"location": f.location, "kind": f.kind.value, "count": f.count, "first_index": list(f.first_index),
-             "area": f.area.value, "numel": f.numel}
-            for f in verdict.findings
-        ]
-        if verdict.error is not None:
-            findings.append({"error": verdict.error})
-        self._require_guard().journal.record_checkpoint(CheckpointRecord(
-            path=str(path.resolve()), status=verdict.status.value, sha256=sha256, size=size,
-            format=None if verdict.format is None else verdict.format.value,
-            epoch=None if verdict.epoch is None else float(verdict.epoch), step=verdict.step,
-            findings=findings, mtime=mtime,
-        ))
-
-    def _pin(self, role: str, path: Path) -> None:
-        """Keep a clean ``last``/``best`` in ``.nanguard/``. Ultralytics writes the same bytes to ``best.pt`` as to
-        ``last.pt`` when fitness improved: the pinned best is then a hard link to the pinned last, one copy (and
-        one fsync) fewer per epoch. Safe because every pin is replaced by rename, never rewritten in place."""
-        pinned = self._pinned(role)
-        digest = self._audited.get(str(path))
-        for other_role, other in self._pins.items():
-            if other_role != role and digest is not None and other == digest:
-                source = self._pinned(other_role)
-                try:
-                    atomic_link(source, pinned)
-                except OSError:  # a file system without hard links: copy
-                    break
-                self._pins[role] = digest
-                return
-        _copy_into(path, pinned)
-        if digest is not None:
-            self._pins[role] = digest
-
-    def _pinned(self, role: str) -> Path:
-        return Path(self.trainer.save_dir) / PINNED_DIR / f"{role}.pt"
-
-    def _put_back(self, role: str, path: Path, verdict: Verdict) -> None:
-        guard = self._require_guard()
-        pinned = self._pinned(role)
-        detail: dict[str, Any] = {"path": str(path), "status": verdict.status.value,
-                                  "findings": len(verdict.findings), "epoch": verdict.epoch}
-        if not pinned.is_file():
-            guard.journal.record_action(
-                guard.run_id, step=guard.step_count, action="checkpoint_not_replaced",
-                reason=f"{path.name} is {verdict.status.value} and no clean copy is pinned yet", detail=detail)
-            return
-        atomic_copy(pinned, path)
-        digest = file_digest(path)
-        if digest is not None:
-            self._audited[str(path)] = digest[0]
-            detail["restored_sha256"] = digest[0]
-        detail["restored_from"] = str(pinned)
-        guard.journal.record_action(
-            guard.run_id, step=guard.step_count, action="checkpoint_replaced",
-            reason=f"{path.name} was {verdict.status.value}; put back the pinned clean copy", detail=detail)
-        log.warning("nanguard: replaced %s (%s) with the pinned clean copy", path, verdict.status.value)
-
-    def _quarantine(self, path: Path, verdict: Verdict) -> None:
-        guard = self._require_guard()
-        target = Path(self.trainer.save_dir) / QUARANTINE_DIR / path.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
-        self._audited.pop(str(path), None)
-        guard.journal.record_action(
-            guard.run_id, step=guard.step_count, action="checkpoint_quarantined",
-            reason=f"{path.name} was {verdict.status.value}",
-            detail={"path": str(path), "moved_to": str(target), "status": verdict.status.value,
-                    "findings": len(verdict.findings), "epoch": verdict.epoch})
 
     # ------------------------------------------------------------------ end
     def on_train_end(self, trainer: Any) -> None:
         """After ``final_eval`` stripped ``last.pt``/``best.pt``: audit them once more, then close the guard."""
         if self.guard is None:
             return
+        self.save_guard_state(final=True)  # final_eval stripped the optimizer: the files (and their sha256) changed
         self.guard_checkpoints()
         self._finished = True
         self.guard.close("finished")
@@ -554,12 +499,6 @@ def _finite_or(value: Any, fallback: Any) -> Any:
     if not isinstance(value, torch.Tensor) or not isinstance(fallback, torch.Tensor):
         return value
     return torch.where(torch.isfinite(value), value, fallback.to(value.device, value.dtype))
-
-
-def _copy_into(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` atomically, creating ``dst``'s folder (the copy keeps the original's mtime)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    atomic_copy(src, dst)
 
 
 __all__ = ["UltralyticsGuard", "guard", "parse_version", "ultralytics_version", "unwrap_model"]
