@@ -27,13 +27,18 @@ def incidents(run_dir: RunDir, as_json: JsonFlag = False) -> None:
 
 
 def _render_incidents(rows: list[dict[str, Any]]) -> Iterable[RenderableType]:
-    """A table of incidents, one row each, then a one-line count per kind and per action."""
+    """A table of incidents, one row each, then a one-line count per kind and per action. The micro-batch and
+    attempt columns appear when some row has one; a row whose step was rolled back and run again (``replay``)
+    is dim."""
     if not rows:
         yield Text("no incidents")
         return
+    micro = any(row.get("micro_batch") is not None for row in rows)
+    attempts = any(row.get("attempt") for row in rows)
     # Narrow columns first: on an 80-column terminal the two list columns fold, the rest stays readable.
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True, header_style="bold")
-    for header in ("id", "step", "epoch", "batch", "rank"):
+    headers = ["id", "step", "epoch", "batch"] + ["micro"] * micro + ["attempt"] * attempts + ["rank"]
+    for header in headers:
         table.add_column(header, justify="right", overflow="fold")
     table.add_column("kind", overflow="fold")
     table.add_column("action", overflow="fold")
@@ -42,11 +47,9 @@ def _render_incidents(rows: list[dict[str, Any]]) -> Iterable[RenderableType]:
     table.add_column("non-finite tensors", overflow="fold", min_width=10)
     table.add_column("samples", overflow="fold", min_width=7)
     for row in rows:
-        table.add_row(
-            int_cell(row["id"]),
-            int_cell(row["step"]),
-            int_cell(row["epoch"]),
-            int_cell(row["batch_index"]),
+        cells = [int_cell(row["id"]), int_cell(row["step"]), int_cell(row["epoch"]), int_cell(row["batch_index"])]
+        cells += [int_cell(row.get("micro_batch"))] * micro + [int_cell(row.get("attempt"))] * attempts
+        cells += [
             int_cell(row["rank"]),
             Text(row["kind"]),
             Text(row["action"]),
@@ -54,7 +57,8 @@ def _render_incidents(rows: list[dict[str, Any]]) -> Iterable[RenderableType]:
             float_cell(row["grad_norm"]),
             list_cell(row["tensors"]),
             list_cell(row["sample_ids"]),
-        )
+        ]
+        table.add_row(*cells, style="dim" if row.get("replay") else None)
     yield table
     yield Text(_incident_summary(rows))
 
@@ -63,4 +67,8 @@ def _incident_summary(rows: list[dict[str, Any]]) -> str:
     kinds = Counter(row["kind"] for row in rows)
     actions = Counter(row["action"] for row in rows)
     noun = "incident" if len(rows) == 1 else "incidents"
-    return f"{len(rows)} {noun}; kinds: {format_counts(kinds)}; actions: {format_counts(actions)}"
+    summary = f"{len(rows)} {noun}; kinds: {format_counts(kinds)}; actions: {format_counts(actions)}"
+    replayed = sum(1 for row in rows if row.get("replay"))
+    if replayed:
+        summary += f"; {replayed} on steps a rollback undid and ran again (dim)"
+    return summary

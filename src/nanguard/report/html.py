@@ -158,11 +158,12 @@ def _incidents(info: RunInfo) -> str:
         shown = ", ".join(tensors[:3]) + (f", … +{len(tensors) - 3} more" if len(tensors) > 3 else "")
         bad = "bad" if r["kind"].startswith("nonfinite") else ""
         rows.append([(str(r["id"]), "num"), (str(r["step"]), "num"), (_opt(r.get("epoch")), "num"),
-                     (_opt(r.get("batch_index")), "num"), (r["kind"], bad),
+                     (_opt(r.get("batch_index")), "num"), (_opt(r.get("micro_batch")), "num"),
+                     (_opt(r.get("attempt")), "num"), (r["kind"], bad),
                      (r["action"], ""), (_num(r.get("loss")), "num"), (_num(r.get("grad_norm")), "num"),
                      ("yes" if r.get("rolled_back") else "", ""), (shown or "-", ""), (clock_text(r["wall_time"]), "")])
-    return _table(["id", "step", "epoch", "batch", "kind", "action", "loss", "grad norm", "rolled back",
-                   "non-finite tensors", "time"], rows, "No incidents.")
+    return _table(["id", "step", "epoch", "batch", "micro-batch", "attempt", "kind", "action", "loss", "grad norm",
+                   "rolled back", "non-finite tensors", "time"], rows, "No incidents.")
 
 
 def _checkpoints(info: RunInfo) -> str:

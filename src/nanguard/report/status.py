@@ -51,6 +51,8 @@ def status_dict(info: RunInfo) -> dict[str, Any]:
         "eta": info.eta,
         "eta_iso": _iso(info.eta),
         "incidents": len(info.incidents),
+        "incidents_replayed": sum(1 for row in info.incidents if row.get("replay")),
+        "attempts": _attempts(info),
         "incidents_per_epoch": [{"epoch": epoch, "count": count} for epoch, count in info.incidents_per_epoch.items()],
         "last_clean_checkpoint": info.last_clean_checkpoint,
         "rollbacks": [_rollback_dict(a) for a in info.rollbacks],
@@ -131,6 +133,10 @@ def _health(info: RunInfo) -> RenderableType:
             kinds = ", ".join(f"{k} {n}" for k, n in by_epoch[epoch].most_common())
             table.add_row("-" if epoch is None else str(epoch), str(count), kinds)
         parts.append(table)
+        replayed = sum(1 for row in info.incidents if row.get("replay"))
+        if replayed:
+            parts.append(Text(f"{replayed} of them on steps a rollback undid and ran again "
+                              f"(attempt {_attempts(info)} now)", style="dim"))
     else:
         parts.append(Text("no incidents", style="green"))
     ckpt = info.last_clean_checkpoint
@@ -205,6 +211,12 @@ def _processes(info: RunInfo) -> RenderableType:
     elif info.state != "running":
         parts.append(Text(f"no live process to watch (the guard's last run is {info.state})", style="dim"))
     return Group(*parts)
+
+
+def _attempts(info: RunInfo) -> int:
+    """The latest guard run's attempt: 0, then +1 after each in-process rollback."""
+    runs = info.guard_runs
+    return int(runs[-1].get("attempts") or 0) if runs else 0
 
 
 def _rollback_dict(action: dict[str, Any]) -> dict[str, Any]:
